@@ -1,0 +1,1 @@
+"""Shared runtime of the chat services: names, codec, settings, NATS wiring, lifecycle."""

@@ -1,0 +1,67 @@
+"""The one protobuf codec: every NATS payload is protobuf with a header naming its type.
+
+Bad bytes become `DecodeError`, never a raw exception deep inside a handler.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import betterproto2
+
+from chatlib import names
+from chatlib.proto.chat import v1 as pb
+
+M = TypeVar("M", bound=betterproto2.Message)
+
+
+class DecodeError(Exception):
+    """A NATS payload that is not the protobuf message it claims (or is expected) to be."""
+
+
+def _full_name(cls: type[betterproto2.Message]) -> str:
+    return f"chat.v1.{cls.__name__}"
+
+
+# Every message type of chat.v1, by its full protobuf name.
+TYPES: dict[str, type[betterproto2.Message]] = {
+    _full_name(getattr(pb, name)): getattr(pb, name) for name in pb.__all__
+}
+
+
+def type_name(message: betterproto2.Message) -> str:
+    return _full_name(type(message))
+
+
+def encode(message: betterproto2.Message) -> tuple[bytes, dict[str, str]]:
+    """Payload bytes and the headers that name the payload's type."""
+    return bytes(message), {names.HEADER_TYPE: type_name(message)}
+
+
+def decode_as(cls: type[M], data: bytes, headers: dict[str, str] | None = None) -> M:
+    """Decode `data` as `cls`; a header naming another type is an error too."""
+    declared = (headers or {}).get(names.HEADER_TYPE)
+    if declared is not None and declared != _full_name(cls):
+        raise DecodeError(f"expected {_full_name(cls)}, header says {declared}")
+    try:
+        message = cls.parse(data)
+    except Exception as exc:  # betterproto2 raises assorted errors on bad wire data
+        raise DecodeError(f"cannot decode {_full_name(cls)}: {exc}") from exc
+    # betterproto2's parser is lenient (a truncated string comes back shortened, garbage
+    # comes back as unknown fields). Unknown fields are kept and re-encoded, and every
+    # protobuf encoder writes fields in order, so a real message re-encodes to its own
+    # bytes; anything else is corrupt.
+    if bytes(message) != data:
+        raise DecodeError(f"corrupt or truncated {_full_name(cls)} payload")
+    return message
+
+
+def decode(data: bytes, headers: dict[str, str] | None) -> betterproto2.Message:
+    """Decode a payload whose type is named by its header."""
+    declared = (headers or {}).get(names.HEADER_TYPE)
+    if declared is None:
+        raise DecodeError(f"missing {names.HEADER_TYPE} header")
+    cls = TYPES.get(declared)
+    if cls is None:
+        raise DecodeError(f"unknown payload type {declared!r}")
+    return decode_as(cls, data, headers)

@@ -1,0 +1,114 @@
+"""Every NATS name the system uses: subjects, streams, consumers, buckets, services.
+
+One module owns them so that services, deploy permissions and operators' docs agree.
+User and room names are validated elsewhere (see `validate`) to [a-z0-9_-], so they
+are always a single subject token.
+"""
+
+from __future__ import annotations
+
+# --- Chat messages -------------------------------------------------------------------
+# Room messages: chat.room.<room>. DMs: chat.dm.<a>.<b> with a < b, so one subject
+# (and one stream sequence) serves both participants, and a user's DMs are the two
+# cheap wildcards chat.dm.<user>.* and chat.dm.*.<user>.
+CHAT_PREFIX = "chat"
+CHAT_ALL = "chat.>"
+ROOM_ALL = "chat.room.*"
+DM_ALL = "chat.dm.*.*"
+
+# The ordered log of every chat message; reconnect recovery replays from it.
+STREAM_CHAT = "CHAT"
+STREAM_CHAT_SUBJECTS = [ROOM_ALL, DM_ALL]
+
+# The archive work queue: sources every CHAT message (server side, so nothing acked
+# can miss it) and also accepts tasks published directly on ARCHIVE_TASKS.
+STREAM_ARCHIVE = "ARCHIVE"
+ARCHIVE_TASKS = "archive.tasks"
+CONSUMER_ARCHIVE = "archive-writer"
+
+# Where the archive parks what it cannot write, with the reason in a header.
+STREAM_DEAD = "DEADLETTER"
+DEAD_LETTER_ALL = "deadletter.>"
+DEAD_LETTER_ARCHIVE = "deadletter.archive"
+
+# --- Ephemeral events ----------------------------------------------------------------
+TYPING_ALL = "typing.>"
+
+# --- Presence ------------------------------------------------------------------------
+PRESENCE_CONN_OPENED = "presence.conn.opened"
+PRESENCE_CONN_CLOSED = "presence.conn.closed"
+PRESENCE_HEARTBEAT = "presence.heartbeat"  # .<gateway_id>
+PRESENCE_HEARTBEAT_ALL = "presence.heartbeat.*"
+PRESENCE_EVENT_ONLINE = "presence.event.online"  # .<user>
+PRESENCE_EVENT_OFFLINE = "presence.event.offline"  # .<user>
+PRESENCE_EVENTS_ALL = "presence.event.>"
+# Presence events go through a stream so that a replica that dies after a state change
+# but before publishing can be retried by another without a duplicate (dedup on id).
+STREAM_PRESENCE = "PRESENCE"
+KV_PRESENCE = "presence"
+
+# --- Micro services (request/reply) --------------------------------------------------
+SERVICE_HISTORY = "chat-history"
+HISTORY_SUBJECT = "chat.history"
+HISTORY_ROOM = "chat.history.room"
+HISTORY_DM = "chat.history.dm"
+SERVICE_PRESENCE = "chat-presence"
+PRESENCE_WHO = "chat.presence.who"
+
+# Queue groups: replicas of one service share work through these.
+QUEUE_PRESENCE = "presence"
+QUEUE_HISTORY = "history"
+
+# --- Headers -------------------------------------------------------------------------
+HEADER_TYPE = "Chat-Type"  # full protobuf name of the payload, e.g. chat.v1.ChatMessage
+HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream deduplication
+HEADER_DEAD_REASON = "Chat-Dead-Reason"
+
+
+def room_subject(room: str) -> str:
+    return f"chat.room.{room}"
+
+
+def dm_pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
+
+
+def dm_subject(a: str, b: str) -> str:
+    lo, hi = dm_pair(a, b)
+    return f"chat.dm.{lo}.{hi}"
+
+
+def dm_subjects_of(user: str) -> list[str]:
+    """The two wildcards that cover every DM a user takes part in."""
+    return [f"chat.dm.{user}.*", f"chat.dm.*.{user}"]
+
+
+def typing_room_subject(room: str) -> str:
+    return f"typing.room.{room}"
+
+
+def typing_dm_subject(a: str, b: str) -> str:
+    lo, hi = dm_pair(a, b)
+    return f"typing.dm.{lo}.{hi}"
+
+
+def heartbeat_subject(gateway_id: str) -> str:
+    return f"{PRESENCE_HEARTBEAT}.{gateway_id}"
+
+
+def online_subject(user: str) -> str:
+    return f"{PRESENCE_EVENT_ONLINE}.{user}"
+
+
+def offline_subject(user: str) -> str:
+    return f"{PRESENCE_EVENT_OFFLINE}.{user}"
+
+
+def parse_chat_subject(subject: str) -> tuple[str, str] | None:
+    """('room', name) or ('dm', 'a.b') for a chat subject; None for anything else."""
+    parts = subject.split(".")
+    if len(parts) == 3 and parts[0] == CHAT_PREFIX and parts[1] == "room":
+        return ("room", parts[2])
+    if len(parts) == 4 and parts[0] == CHAT_PREFIX and parts[1] == "dm":
+        return ("dm", f"{parts[2]}.{parts[3]}")
+    return None

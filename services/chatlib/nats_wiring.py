@@ -1,0 +1,166 @@
+"""Connecting to NATS and provisioning the streams and KV bucket every service relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from chatlib import names
+from chatlib.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+
+
+def instance_id(settings: CommonSettings, service: str) -> str:
+    if settings.instance_id:
+        return settings.instance_id
+    # Host name + pid: unique per process on a host, readable in `nats server report conns`.
+    host = socket.gethostname().split(".")[0].lower()
+    clean = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)
+    return f"{service}-{clean}-{os.getpid()}"
+
+
+async def connect(
+    settings: CommonSettings,
+    name: str,
+    on_state: Callable[[str], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect with endless reconnects: a NATS restart must never end a service."""
+
+    async def disconnected() -> None:
+        log.warning("nats disconnected")
+        if on_state:
+            await on_state("disconnected")
+
+    async def reconnected() -> None:
+        log.info("nats reconnected")
+        if on_state:
+            await on_state("reconnected")
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    options: dict[str, object] = {
+        "servers": settings.nats_servers,
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 3,
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
+        # Keep publishing into the buffer while reconnecting; JetStream publishes still
+        # wait for their ack, so nothing is acknowledged that is not stored.
+        "pending_size": 8 * 1024 * 1024,
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "error_cb": error,
+        "allow_reconnect": True,
+    }
+    if settings.nats_creds:
+        options["user_credentials"] = settings.nats_creds
+    elif settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    # The first connect also retries: services may start before NATS in compose or k8s.
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(**options)  # type: ignore[arg-type]
+        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+            log.warning("nats not reachable yet (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def stream_configs(settings: CommonSettings) -> list[api.StreamConfig]:
+    replicas = settings.stream_replicas
+    return [
+        api.StreamConfig(
+            name=names.STREAM_CHAT,
+            description="Every chat message in order; reconnect recovery replays from it",
+            subjects=names.STREAM_CHAT_SUBJECTS,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=settings.chat_log_max_age,
+            max_bytes=settings.chat_log_max_bytes,
+            duplicate_window=120.0,
+            max_msg_size=64 * 1024,
+        ),
+        api.StreamConfig(
+            name=names.STREAM_ARCHIVE,
+            description="Archive work queue: one task per message to write to Postgres",
+            subjects=[names.ARCHIVE_TASKS],
+            sources=[api.StreamSource(name=names.STREAM_CHAT)],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=120.0,
+            max_age=7 * DAY,
+        ),
+        api.StreamConfig(
+            name=names.STREAM_DEAD,
+            description="Messages a consumer could not process, with the reason in a header",
+            subjects=[names.DEAD_LETTER_ALL],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=30 * DAY,
+        ),
+        api.StreamConfig(
+            name=names.STREAM_PRESENCE,
+            description="Online/offline events, deduplicated per state transition",
+            subjects=[names.PRESENCE_EVENTS_ALL],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            max_age=3600.0,
+            duplicate_window=120.0,
+        ),
+    ]
+
+
+async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    """Create the stream if missing. Safe when several replicas start at once: creating an
+    identical stream twice succeeds, and a stream that exists with another config is left
+    as the operator set it (changing retention under running consumers is their call)."""
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != 10058:  # stream name already in use with a different config
+            raise
+        log.info("stream %s exists with another config; leaving it as is", config.name)
+
+
+async def provision(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
+    for config in stream_configs(settings):
+        await ensure_stream(js, config)
+    return await ensure_presence_bucket(js, settings)
+
+
+async def ensure_presence_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
+    try:
+        return await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=names.KV_PRESENCE,
+                description="Who is online: live connections per user, gateway heartbeats",
+                history=1,
+                storage=api.StorageType.FILE,
+                replicas=settings.stream_replicas,
+            )
+        )
+    except BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise
+        return await js.key_value(names.KV_PRESENCE)

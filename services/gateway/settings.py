@@ -1,0 +1,54 @@
+"""Gateway settings, from GATEWAY_* environment variables."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from chatlib.settings import CommonSettings
+
+DEV_SECRET = "dev-only-insecure-secret-change-me"
+
+
+class GatewaySettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    http_port: int = 8000
+    # guest: pick a name, get a token signed with guest_secret (development).
+    # jwt: verify tokens from the operator's identity provider (production).
+    auth_mode: Literal["guest", "jwt"] = "guest"
+    guest_secret: str = DEV_SECRET
+    guest_token_ttl: float = Field(default=24 * 3600.0, gt=0)
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_secret: str = ""  # HS256
+    jwt_public_key: str = ""  # RS256, PEM
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    # Origins allowed to open a WebSocket (comma-separated). Empty in development means
+    # "same host as the request"; production must list them.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    max_content_bytes: int = Field(default=4096, gt=0)
+    max_frame_bytes: int = Field(default=65536, gt=0)
+    rate_per_second: float = Field(default=20.0, gt=0)
+    rate_burst: int = Field(default=40, gt=0)
+    # Frames queued for one socket before it counts as too slow and is disconnected.
+    send_queue_frames: int = Field(default=512, gt=0)
+    # Reconnect recovery replays at most this many messages from the CHAT log.
+    recovery_max_messages: int = Field(default=5000, gt=0)
+    history_page_size: int = Field(default=50, gt=0)
+    # Presence: how often this gateway reports its live connections.
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    request_timeout: float = Field(default=2.0, gt=0)
+    ws_compression: bool = False
+
+    def check_production(self) -> None:
+        super().check_production()
+        if self.auth_mode == "guest" and self.guest_secret == DEV_SECRET:
+            raise ValueError("production with guest auth needs GATEWAY_GUEST_SECRET")
+        if self.auth_mode == "jwt" and not (self.jwt_secret or self.jwt_public_key):
+            raise ValueError("jwt auth needs GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY")
+        if not self.allowed_origins:
+            raise ValueError("production needs GATEWAY_ALLOWED_ORIGINS")

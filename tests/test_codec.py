@@ -1,0 +1,29 @@
+"""Bad bytes on NATS become the project's DecodeError, never a crash deep in a handler."""
+
+from __future__ import annotations
+
+import pytest
+from chatlib import codec
+from chatlib.proto.chat import v1 as pb
+
+
+def test_undecodable_bytes_raise_decode_error() -> None:
+    _, headers = codec.encode(pb.ChatMessage())
+    with pytest.raises(codec.DecodeError):
+        codec.decode(b"\xff\xff\xff\xff", headers)
+
+
+def test_a_payload_without_a_type_header_is_refused() -> None:
+    with pytest.raises(codec.DecodeError, match="missing Chat-Type"):
+        codec.decode(bytes(pb.ChatMessage(id="x")), {})
+
+
+def test_an_unknown_type_header_is_refused() -> None:
+    with pytest.raises(codec.DecodeError, match="unknown payload type"):
+        codec.decode(b"", {"Chat-Type": "chat.v1.Nope"})
+
+
+def test_a_header_naming_another_type_than_expected_is_refused() -> None:
+    data, headers = codec.encode(pb.UserOnline(user="alice"))
+    with pytest.raises(codec.DecodeError, match="expected chat.v1.ChatMessage"):
+        codec.decode_as(pb.ChatMessage, data, headers)
