@@ -20,6 +20,16 @@ DM_ALL = "chat.dm.*.*"
 STREAM_CHAT = "CHAT"
 STREAM_CHAT_SUBJECTS = [ROOM_ALL, DM_ALL]
 
+# Live fan-out: the CHAT stream republishes each message, once stored, to
+# live.<original subject> with headers Nats-Sequence (its stream sequence) and
+# Nats-Last-Sequence (the previous sequence on the same subject, to detect gaps).
+# Gateways subscribe (core NATS) only to the live subjects their users need, so no one
+# ever sees a message that is not durable, and every message carries its sequence.
+LIVE_PREFIX = "live"
+LIVE_ALL = "live.chat.>"
+HEADER_SEQUENCE = "Nats-Sequence"
+HEADER_LAST_SEQUENCE = "Nats-Last-Sequence"
+
 # The archive work queue: sources every CHAT message (server side, so nothing acked
 # can miss it) and also accepts tasks published directly on ARCHIVE_TASKS.
 STREAM_ARCHIVE = "ARCHIVE"
@@ -67,6 +77,16 @@ HEADER_DEAD_REASON = "Chat-Dead-Reason"
 
 def room_subject(room: str) -> str:
     return f"chat.room.{room}"
+
+
+def live_subject(subject: str) -> str:
+    return f"{LIVE_PREFIX}.{subject}"
+
+
+def dedup_id(sender: str, client_id: str, message_id: str) -> str:
+    """Nats-Msg-Id for a send: a client's retry (same client_id) must dedupe even when it
+    lands on another gateway, which would mint a new message id."""
+    return f"{sender}:{client_id}" if client_id else message_id
 
 
 def dm_pair(a: str, b: str) -> tuple[str, str]:

@@ -97,6 +97,7 @@ def stream_configs(settings: CommonSettings) -> list[api.StreamConfig]:
             max_bytes=settings.chat_log_max_bytes,
             duplicate_window=120.0,
             max_msg_size=64 * 1024,
+            republish=api.RePublish(src=names.CHAT_ALL, dest=names.LIVE_ALL),
         ),
         api.StreamConfig(
             name=names.STREAM_ARCHIVE,
