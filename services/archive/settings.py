@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from chatlib.settings import CommonSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from chatlib.settings import CommonSettings
 
 
 class ArchiveSettings(CommonSettings):
@@ -23,3 +22,5 @@ class ArchiveSettings(CommonSettings):
     ack_wait: float = Field(default=30.0, gt=0)
     max_deliver: int = Field(default=5, gt=1)
     history_page_max: int = Field(default=200, gt=0)
+    # How often lag (consumer pending) and Postgres reachability (readiness) are refreshed.
+    monitor_interval: float = Field(default=2.0, gt=0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -86,6 +87,24 @@ def run(service: Service, settings: CommonSettings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve(service, settings, stop)
 
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+# --- Helpers for services that run their own server (the gateway runs uvicorn) ---------
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """Set `stop` on SIGTERM/SIGINT (call from inside the running loop)."""
+    loop = asyncio.get_running_loop()
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+
+
+def run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run an async entry point on uvloop when available, like `run` does."""
     try:
         import uvloop
 

@@ -132,3 +132,12 @@ def parse_chat_subject(subject: str) -> tuple[str, str] | None:
     if len(parts) == 4 and parts[0] == CHAT_PREFIX and parts[1] == "dm":
         return ("dm", f"{parts[2]}.{parts[3]}")
     return None
+
+
+def typing_dm_subjects_of(user: str) -> list[str]:
+    """The two wildcards that cover every DM typing indicator a user takes part in."""
+    return [f"typing.dm.{user}.*", f"typing.dm.*.{user}"]
+
+# --- Added by the archive ------------------------------------------------------------
+# The subject a dead-lettered task was originally on (the reason is HEADER_DEAD_REASON).
+HEADER_DEAD_SUBJECT = "Chat-Dead-Subject"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from chatlib.settings import CommonSettings
 from pydantic import Field
 from pydantic_settings import NoDecode, SettingsConfigDict
-
-from chatlib.settings import CommonSettings
 
 DEV_SECRET = "dev-only-insecure-secret-change-me"
 
@@ -43,6 +42,15 @@ class GatewaySettings(CommonSettings):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     request_timeout: float = Field(default=2.0, gt=0)
     ws_compression: bool = False
+    # A client that racks up this many violations (rate-limited or oversized frames)
+    # within abuse_window seconds is abusive: closed with 1008.
+    abuse_max_violations: int = Field(default=20, gt=0)
+    abuse_window: float = Field(default=10.0, gt=0)
+    # The first frame must be `hello` within this many seconds, else close 4401.
+    hello_timeout: float = Field(default=5.0, gt=0)
+    # Frames above max_frame_bytes get an error; above this hard limit the socket is
+    # closed with 1009 (the WebSocket layer refuses to buffer them). 0: 2 x max_frame_bytes.
+    hard_frame_bytes: int = Field(default=0, ge=0)
 
     def check_production(self) -> None:
         super().check_production()

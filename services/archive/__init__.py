@@ -1,0 +1,1 @@
+"""Archive: drains the ARCHIVE work queue into Postgres exactly once and serves history."""

@@ -1,0 +1,208 @@
+"""Wiring and lifecycle of the archive: Postgres pool + migrations, the durable pull
+consumer and its worker, the history micro service, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import nats.micro
+from chatlib import codec, names
+from chatlib.proto.chat import v1 as pb
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext, api
+from nats.micro.request import Request, ServiceError
+from nats.micro.service import Service as MicroService
+
+from archive import handlers, metrics, migrations
+from archive.settings import ArchiveSettings
+from archive.worker import ArchiveWorker, backoff
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+HistoryHandler = Callable[[asyncpg.Pool, pb.HistoryRequest, int], Awaitable[pb.HistoryPage]]
+
+
+class ArchiveService:
+    name = "archive"
+
+    def __init__(self, settings: ArchiveSettings) -> None:
+        self.settings = settings
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.worker: ArchiveWorker | None = None
+        self.micro: MicroService | None = None
+        self.db_up = False
+        self.consuming = False
+        self.stopping = False
+        self._main: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+
+    # --- lifecycle (chatlib.lifecycle.Service) ----------------------------------------
+
+    async def start(self, nc: NATS, js: JetStreamContext) -> None:
+        self.nc, self.js = nc, js
+        # The history service answers from the start (503 until the database is ready),
+        # so `nats micro ls` shows every replica even while Postgres is still coming up.
+        self.micro = await nats.micro.add_service(
+            nc,
+            name=names.SERVICE_HISTORY,
+            version=VERSION,
+            description="Chat history from the archive: room pages and DM threads",
+            queue_group=names.QUEUE_HISTORY,
+        )
+        await self.micro.add_endpoint(
+            name="room", subject=names.HISTORY_ROOM, handler=self._history_room
+        )
+        await self.micro.add_endpoint(name="dm", subject=names.HISTORY_DM, handler=self._history_dm)
+        # Connecting to Postgres may take a while (it may be down): do it in the background
+        # so a SIGTERM meanwhile is still handled promptly.
+        self._main = asyncio.create_task(self._consume(), name="archive-consume")
+        self._monitor = asyncio.create_task(self._watch(), name="archive-monitor")
+
+    def ready(self) -> bool:
+        connected = self.nc is not None and self.nc.is_connected
+        return connected and self.consuming and self.db_up and not self.stopping
+
+    async def stop_intake(self) -> None:
+        self.stopping = True
+        if self.worker:
+            self.worker.stop()
+        if self.micro:
+            await self.micro.stop()
+        if self._monitor:
+            self._monitor.cancel()
+
+    async def finish_inflight(self) -> None:
+        """Wait for the batch in hand to be committed and acked. Before the worker runs
+        there is nothing in hand, so startup (waiting for Postgres) is simply cancelled."""
+        if self._main is None:
+            return
+        if self.worker is None:
+            self._main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._main
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), 5)
+            except TimeoutError:
+                self.pool.terminate()
+
+    # --- consuming --------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        assert self.nc is not None and self.js is not None
+        self.pool = await self._open_database()
+        sub = await self._bind_consumer(self.js)
+        self.worker = ArchiveWorker(
+            self.nc, self.js, sub, self.pool, self.settings, self._set_db_state
+        )
+        if self.stopping:
+            return
+        self.consuming = True
+        log.info("consuming %s as %s", names.STREAM_ARCHIVE, names.CONSUMER_ARCHIVE)
+        await self.worker.run()
+
+    async def _open_database(self) -> asyncpg.Pool:
+        """Pool + migrations, retried with backoff until Postgres answers."""
+        attempt = 0
+        while True:
+            try:
+                pool = await asyncpg.create_pool(
+                    self.settings.database_url,
+                    min_size=self.settings.db_pool_min,
+                    max_size=self.settings.db_pool_max,
+                    timeout=5,
+                    command_timeout=30,
+                )
+                async with pool.acquire() as conn:
+                    await migrations.migrate(conn)
+                self._set_db_state(True)
+                return pool
+            except handlers.DB_UNAVAILABLE as exc:
+                delay = backoff(attempt, base=0.2)
+                log.warning("postgres not reachable (%s); retrying in %.2fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _bind_consumer(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """Create (or update to the current settings) the durable consumer every replica
+        shares, then bind to it. Creating it is idempotent, so replicas may race."""
+        config = api.ConsumerConfig(
+            name=names.CONSUMER_ARCHIVE,
+            durable_name=names.CONSUMER_ARCHIVE,
+            description="Archive writers: every task written to Postgres once",
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.settings.ack_wait,
+            max_deliver=self.settings.max_deliver,
+            # Enough for a full batch in hand on several replicas at once.
+            max_ack_pending=max(1000, self.settings.batch_size * 8),
+        )
+        attempt = 0
+        while True:
+            try:
+                await js.add_consumer(names.STREAM_ARCHIVE, config)
+                return await js.pull_subscribe_bind(
+                    durable=names.CONSUMER_ARCHIVE, stream=names.STREAM_ARCHIVE
+                )
+            except Exception as exc:  # NATS reconnecting, JetStream not ready yet
+                delay = backoff(attempt, base=0.2)
+                log.warning("cannot bind consumer (%s); retrying in %.2fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def _set_db_state(self, up: bool) -> None:
+        if up != self.db_up:
+            log.info("postgres %s", "reachable" if up else "unreachable")
+        self.db_up = up
+        metrics.DB_UP.set(1 if up else 0)
+
+    async def _watch(self) -> None:
+        """Refresh lag metrics and readiness: an idle replica must notice an outage too."""
+        while True:
+            await asyncio.sleep(self.settings.monitor_interval)
+            if self.pool is not None:
+                try:
+                    await self.pool.fetchval("SELECT 1", timeout=2)
+                    self._set_db_state(True)
+                except handlers.DB_UNAVAILABLE:
+                    self._set_db_state(False)
+            if self.js is not None and self.consuming:
+                try:
+                    info = await self.js.consumer_info(
+                        names.STREAM_ARCHIVE, names.CONSUMER_ARCHIVE, timeout=2
+                    )
+                    metrics.CONSUMER_PENDING.set(info.num_pending or 0)
+                    metrics.CONSUMER_ACK_PENDING.set(info.num_ack_pending or 0)
+                except Exception as exc:
+                    log.debug("consumer info unavailable: %s", exc)
+
+    # --- history ----------------------------------------------------------------------
+
+    async def _history_room(self, request: Request) -> None:
+        await self._answer(request, handlers.room_history)
+
+    async def _history_dm(self, request: Request) -> None:
+        await self._answer(request, handlers.dm_history)
+
+    async def _answer(self, request: Request, handler: HistoryHandler) -> None:
+        try:
+            query = codec.decode_as(pb.HistoryRequest, request.data, request.headers)
+        except codec.DecodeError as exc:
+            raise ServiceError("400", handlers.one_line(str(exc))) from exc
+        if self.pool is None:
+            raise ServiceError("503", "history database not available yet")
+        try:
+            page = await handler(self.pool, query, self.settings.history_page_max)
+        except handlers.DB_UNAVAILABLE as exc:
+            raise ServiceError("503", "history database unavailable") from exc
+        data, headers = codec.encode(page)
+        await request.respond(data, headers=headers)

@@ -1,0 +1,254 @@
+"""The archive's logic as plain async functions: turn a task into a row, write a batch of
+rows idempotently, answer history requests. No NATS here; Postgres is passed in."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+from chatlib import codec, ids, names, validate
+from chatlib.proto.chat import v1 as pb
+from nats.micro.request import ServiceError
+
+DEFAULT_PAGE = 50
+
+# Errors that say "the database is not reachable right now", not "this row is bad":
+# retrying the same work later will succeed, so the work must not be dead-lettered.
+DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,  # includes ConnectionDoesNotExistError
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.OperatorInterventionError,  # 57: admin shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+)
+
+
+class PoisonTask(Exception):
+    """A task that can never be written, whatever the retries: dead-letter it at once."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    room: str | None
+    dm_lo: str | None
+    dm_hi: str | None
+    sender: str
+    content: str
+    ts_ms: int
+    stream_seq: int | None
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """For header values (dead-letter reasons, service errors): no line breaks, bounded."""
+    return " ".join(text.split())[:limit]
+
+
+# --- Tasks -> rows ----------------------------------------------------------------------
+
+
+def decode_task(subject: str, data: bytes, headers: dict[str, str] | None) -> pb.ChatMessage:
+    """The chat message a task carries: a ChatMessage sourced from CHAT, or an ArchiveTask
+    published on archive.tasks. The Chat-Type header decides; without it, the subject."""
+    try:
+        if (headers or {}).get(names.HEADER_TYPE):
+            decoded = codec.decode(data, headers)
+        elif subject == names.ARCHIVE_TASKS:
+            decoded = codec.decode_as(pb.ArchiveTask, data)
+        else:
+            decoded = codec.decode_as(pb.ChatMessage, data)
+    except codec.DecodeError as exc:
+        raise PoisonTask(str(exc)) from exc
+    if isinstance(decoded, pb.ArchiveTask):
+        if decoded.message is None:
+            raise PoisonTask("archive task without a message")
+        return decoded.message
+    if isinstance(decoded, pb.ChatMessage):
+        return decoded
+    raise PoisonTask(f"unexpected payload type {codec.type_name(decoded)}")
+
+
+def chat_sequence(headers: dict[str, str] | None) -> int | None:
+    """The CHAT stream sequence of a sourced message, from JetStream's Nats-Stream-Source
+    header ("CHAT <seq> <filter> <transform>"); None for tasks published directly."""
+    source = (headers or {}).get("Nats-Stream-Source", "")
+    parts = source.split()
+    if len(parts) >= 2 and parts[0].split(":")[0] == names.STREAM_CHAT and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def message_row(message: pb.ChatMessage, stream_seq: int | None = None) -> Row:
+    """The row for a message, or PoisonTask when no valid row can be made of it."""
+    if not ids.is_valid_id(message.id):
+        raise PoisonTask(f"bad message id {message.id!r}")
+    if not validate.is_valid_name(message.sender):
+        raise PoisonTask(f"bad sender {message.sender!r}")
+    if bool(message.room) == bool(message.dm_peer):
+        raise PoisonTask("exactly one of room and dm_peer must be set")
+    if message.room and not validate.is_valid_name(message.room):
+        raise PoisonTask(f"bad room {message.room!r}")
+    if message.dm_peer and not validate.is_valid_name(message.dm_peer):
+        raise PoisonTask(f"bad dm_peer {message.dm_peer!r}")
+    if "\x00" in message.content:
+        raise PoisonTask("content contains NUL, which Postgres text cannot store")
+    if message.ts_ms < 0:
+        raise PoisonTask(f"negative timestamp {message.ts_ms}")
+    dm_lo, dm_hi = (
+        names.dm_pair(message.sender, message.dm_peer) if message.dm_peer else (None, None)
+    )
+    return Row(
+        id=message.id,
+        room=message.room or None,
+        dm_lo=dm_lo,
+        dm_hi=dm_hi,
+        sender=message.sender,
+        content=message.content,
+        ts_ms=message.ts_ms,
+        stream_seq=stream_seq,
+    )
+
+
+def task_row(subject: str, data: bytes, headers: dict[str, str] | None) -> Row:
+    return message_row(decode_task(subject, data, headers), chat_sequence(headers))
+
+
+# --- Writing ----------------------------------------------------------------------------
+
+# One statement (so one transaction, one round trip) for the whole batch: the columns go as
+# arrays and unnest turns them back into rows. ON CONFLICT DO NOTHING makes a redelivered
+# or duplicated task a no-op, which is what lets us ack after the commit and still be exact.
+INSERT_ROWS = """
+INSERT INTO messages (id, room, dm_lo, dm_hi, sender, content, ts_ms, stream_seq)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::bigint[], $8::bigint[])
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+async def write_rows(db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row]) -> int:
+    """Insert the rows not yet stored, atomically; returns how many were new."""
+    if not rows:
+        return 0
+    unique = list({row.id: row for row in rows}.values())
+    status = await db.execute(
+        INSERT_ROWS,
+        [r.id for r in unique],
+        [r.room for r in unique],
+        [r.dm_lo for r in unique],
+        [r.dm_hi for r in unique],
+        [r.sender for r in unique],
+        [r.content for r in unique],
+        [r.ts_ms for r in unique],
+        [r.stream_seq for r in unique],
+    )
+    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <count>"
+
+
+# --- History ----------------------------------------------------------------------------
+
+COLUMNS = "id, room, dm_lo, dm_hi, sender, content, ts_ms"
+# Sorts after every message id (ids are [0-9A-Z] and the column collates bytewise), so
+# "id < AFTER_EVERY_ID" is the latest page and one query shape serves both kinds of page.
+AFTER_EVERY_ID = "~"
+
+
+def bad_request(description: str) -> ServiceError:
+    return ServiceError("400", description)
+
+
+def page_limit(requested: int, page_max: int) -> int:
+    """0 means "the default"; anything above the cap is served as the cap."""
+    return min(requested or DEFAULT_PAGE, page_max)
+
+
+def check_before_id(before_id: str) -> None:
+    if before_id and not ids.is_valid_id(before_id):
+        raise bad_request(f"before_id {before_id!r} is not a message id")
+
+
+def record_message(record: asyncpg.Record) -> pb.ChatMessage:
+    if record["room"] is not None:
+        return pb.ChatMessage(
+            id=record["id"],
+            room=record["room"],
+            sender=record["sender"],
+            content=record["content"],
+            ts_ms=record["ts_ms"],
+        )
+    # dm_peer is the recipient, as on the wire: the participant who is not the sender.
+    sender = record["sender"]
+    peer = record["dm_hi"] if sender == record["dm_lo"] else record["dm_lo"]
+    return pb.ChatMessage(
+        id=record["id"],
+        dm_peer=peer,
+        sender=sender,
+        content=record["content"],
+        ts_ms=record["ts_ms"],
+    )
+
+
+def to_page(records: list[asyncpg.Record], limit: int) -> pb.HistoryPage:
+    """Records newest first, one more than `limit` when older ones exist -> page oldest first."""
+    has_more = len(records) > limit
+    newest_first = records[:limit]
+    return pb.HistoryPage(
+        messages=[record_message(r) for r in reversed(newest_first)], has_more=has_more
+    )
+
+
+async def room_history(
+    db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int
+) -> pb.HistoryPage:
+    """The latest page of a room, or the page just before `before_id`."""
+    if request.dm_peer:
+        raise bad_request("a room request must not set dm_peer")
+    if not validate.is_valid_name(request.room):
+        raise bad_request(f"bad room {request.room!r}: {validate.NAME_RULE}")
+    check_before_id(request.before_id)
+    limit = page_limit(request.limit, page_max)
+    # Paging by id, not ts_ms: ids are unique and sort by time, so messages sharing a
+    # millisecond are neither skipped nor repeated across pages.
+    records = await db.fetch(
+        f"SELECT {COLUMNS} FROM messages WHERE room = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+        request.room,
+        request.before_id or AFTER_EVERY_ID,
+        limit + 1,
+    )
+    return to_page(records, limit)
+
+
+async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int) -> pb.HistoryPage:
+    """The DM thread between the requester (from the gateway's token) and dm_peer.
+
+    The thread is always the requester's own, so nobody can name someone else's; a
+    before_id taken from a thread the requester is not in is refused (403) rather than
+    answered, so message ids of other people's DMs reveal nothing."""
+    if request.room:
+        raise bad_request("a DM request must not set room")
+    if not validate.is_valid_name(request.requester):
+        raise bad_request("requester (the authenticated user) is missing or invalid")
+    if not validate.is_valid_name(request.dm_peer):
+        raise bad_request(f"bad dm_peer {request.dm_peer!r}: {validate.NAME_RULE}")
+    check_before_id(request.before_id)
+    lo, hi = names.dm_pair(request.requester, request.dm_peer)
+    if request.before_id:
+        anchor = await db.fetchrow(
+            "SELECT room, dm_lo, dm_hi FROM messages WHERE id = $1", request.before_id
+        )
+        if anchor is not None and (anchor["dm_lo"], anchor["dm_hi"]) != (lo, hi):
+            raise ServiceError("403", "before_id is not a message of this thread")
+    limit = page_limit(request.limit, page_max)
+    records = await db.fetch(
+        f"SELECT {COLUMNS} FROM messages WHERE dm_lo = $1 AND dm_hi = $2"
+        " AND id < $3 ORDER BY id DESC LIMIT $4",
+        lo,
+        hi,
+        request.before_id or AFTER_EVERY_ID,
+        limit + 1,
+    )
+    return to_page(records, limit)

@@ -1,0 +1,184 @@
+"""The pull loop: fetch a batch from the shared durable consumer, write it in one
+transaction, ack after the commit. Modelled on FastStream's stream_pull_subscriber.
+
+Exactly once = at-least-once delivery (ack only after commit, so a crash means
+redelivery) + an idempotent write (ON CONFLICT on the message id, so a redelivery or a
+duplicate publish adds nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import asyncpg
+import nats.errors
+from chatlib import names
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from archive import metrics
+from archive.handlers import DB_UNAVAILABLE, PoisonTask, Row, one_line, task_row, write_rows
+from archive.settings import ArchiveSettings
+
+log = logging.getLogger(__name__)
+
+
+def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Full jitter: replicas that failed together do not all retry together."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+class ArchiveWorker:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        sub: JetStreamContext.PullSubscription,
+        pool: asyncpg.Pool,
+        settings: ArchiveSettings,
+        on_db_state: Callable[[bool], None],
+    ) -> None:
+        self.nc, self.js, self.sub, self.pool = nc, js, sub, pool
+        self.settings = settings
+        self.on_db_state = on_db_state
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Fetch no more; the batch in hand is still written and acked."""
+        self.stopping = True
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                msgs = await self.sub.fetch(
+                    self.settings.batch_size, timeout=self.settings.fetch_timeout
+                )
+            except nats.errors.TimeoutError:
+                continue  # nothing to do, or NATS is reconnecting: ask again
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                await asyncio.sleep(0.2)
+                continue
+            except Exception:
+                log.exception("fetch failed")
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                await self.handle_batch(msgs)
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        metrics.BATCH_SIZE.observe(len(msgs))
+        good: list[tuple[Msg, Row]] = []
+        for msg in msgs:
+            if msg.metadata.num_delivered > 1:
+                metrics.REDELIVERIES.inc()
+            try:
+                good.append((msg, task_row(msg.subject, msg.data, msg.headers)))
+            except PoisonTask as exc:
+                # Undecodable or invalid: no retry can fix it. Park it and move on.
+                await self.dead_letter(msg, str(exc), "poison")
+        if good:
+            await self.write_batch(good)
+        await self.flush_acks()
+
+    async def write_batch(self, batch: list[tuple[Msg, Row]]) -> None:
+        rows = [row for _, row in batch]
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                new = await write_rows(self.pool, rows)
+            except DB_UNAVAILABLE as exc:
+                # Keep the batch and retry here rather than nak it: a nak would count as a
+                # delivery, and a long outage must not push good tasks to the dead letters.
+                # in_progress keeps JetStream from redelivering it to another replica that
+                # would only hit the same outage.
+                metrics.DB_ERRORS.inc()
+                self.on_db_state(False)
+                delay = backoff(attempt, cap=min(5.0, self.settings.ack_wait / 3))
+                log.warning("postgres unavailable (%s); retrying batch in %.2fs", exc, delay)
+                await self.keep_alive([msg for msg, _ in batch])
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            except asyncpg.PostgresError as exc:
+                # Postgres refused the data: find the row(s) to blame, write the rest.
+                self.on_db_state(True)
+                log.warning("batch refused (%s); writing its rows one by one", exc)
+                await self.write_one_by_one(batch)
+                return
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.ROWS_WRITTEN.inc(new)
+            self.on_db_state(True)
+            break
+        # Committed: now, and only now, the tasks may leave the queue.
+        for msg, _ in batch:
+            await self.ack(msg)
+
+    async def write_one_by_one(self, batch: list[tuple[Msg, Row]]) -> None:
+        for msg, row in batch:
+            try:
+                metrics.ROWS_WRITTEN.inc(await write_rows(self.pool, [row]))
+            except DB_UNAVAILABLE:
+                continue  # not acked: it comes back after ack_wait
+            except asyncpg.PostgresError as exc:
+                delivered = msg.metadata.num_delivered
+                if delivered >= self.settings.max_deliver - 1:
+                    reason = f"postgres refused it {delivered} times: {exc}"
+                    await self.dead_letter(msg, reason, "retries_exhausted")
+                else:
+                    await self.nak(msg, backoff(delivered, base=1.0, cap=30.0))
+                continue
+            await self.ack(msg)
+
+    async def dead_letter(self, msg: Msg, reason: str, cause: str) -> None:
+        """Park the task on the dead-letter subject with the reason, then remove it from
+        the queue. If the park fails the task is not acked, so it comes back."""
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+        headers[names.HEADER_DEAD_REASON] = one_line(reason)
+        headers[names.HEADER_DEAD_SUBJECT] = msg.subject
+        # A retried park (crash between publish and ack) is a duplicate, not a second copy.
+        headers[names.HEADER_MSG_ID] = f"archive-{msg.metadata.sequence.stream}"
+        try:
+            await self.js.publish(names.DEAD_LETTER_ARCHIVE, msg.data, headers=headers)
+        except Exception as exc:
+            log.warning("could not dead-letter task %s: %s", msg.metadata.sequence.stream, exc)
+            return
+        log.warning(
+            "dead-lettered task",
+            extra={"seq": msg.metadata.sequence.stream, "reason": one_line(reason)},
+        )
+        metrics.DEAD_LETTERED.labels(cause).inc()
+        # Ack, not term: on a WorkQueue stream an ack is what removes the message.
+        await self.ack(msg)
+
+    async def ack(self, msg: Msg) -> None:
+        try:
+            await msg.ack()
+        except Exception as exc:  # NATS gone: the task is redelivered; the write is idempotent
+            log.warning("ack failed: %s", exc)
+
+    async def nak(self, msg: Msg, delay: float) -> None:
+        try:
+            await msg.nak(delay=delay)
+        except Exception as exc:
+            log.warning("nak failed: %s", exc)
+
+    async def keep_alive(self, msgs: list[Msg]) -> None:
+        try:
+            for msg in msgs:
+                await msg.in_progress()
+        except Exception as exc:
+            log.warning("in-progress signal failed: %s", exc)
+
+    async def flush_acks(self) -> None:
+        """Acks are fire-and-forget publishes; flush so they leave before the next fetch
+        (and before a graceful stop)."""
+        try:
+            await self.nc.flush(timeout=5)
+        except Exception as exc:
+            log.warning("flushing acks failed: %s", exc)

@@ -1,0 +1,382 @@
+"""A small client for services and bots: send, stream (replay then live), history, who.
+
+The NATS counterpart of a unary `Send` plus a server-streamed `Subscribe` that first
+replays recent history:
+
+    client = await ChatClient.connect("nats://127.0.0.1:4222")
+    msg_id, seq = await client.send(room="lobby", content="hi", sender="bot")
+    async for item in client.stream(["lobby"], since=seq):
+        print(item.seq, item.message.content)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import betterproto2
+import nats
+import nats.errors
+from chatlib import codec, ids, names, presence_client, validate
+from chatlib.proto.chat import v1 as pb
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+from chatctl.errors import (
+    ChatError,
+    NatsUnreachable,
+    ServiceError,
+    ServiceUnavailable,
+    UsageError,
+)
+
+# How many recent live sequences to remember to drop a message seen twice (a self-DM
+# matches both DM wildcards).
+_SEEN_WINDOW = 1024
+_REPLAY_BATCH = 256
+
+
+@dataclass(frozen=True)
+class StreamedMessage:
+    """A chat message with its CHAT stream sequence (the resume point) and subject."""
+
+    seq: int
+    subject: str
+    message: pb.ChatMessage
+
+
+def check_name(kind: str, name: str) -> str:
+    if not validate.is_valid_name(name):
+        raise UsageError(f"bad {kind} name {name!r}: {validate.NAME_RULE}")
+    return name
+
+
+class ChatClient:
+    """One NATS connection and the chat operations on top of it."""
+
+    def __init__(
+        self, nc: NATS, request_timeout: float = 5.0, closed: asyncio.Event | None = None
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.request_timeout = request_timeout
+        # Set when the connection is closed for good (reconnects exhausted, or close()).
+        self.closed = closed or asyncio.Event()
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: str | Sequence[str] = "nats://127.0.0.1:4222",
+        *,
+        user: str = "",
+        password: str = "",
+        creds: str = "",
+        name: str = "chat-client",
+        connect_timeout: float = 2.0,
+        fail_fast: bool = True,
+        request_timeout: float = 5.0,
+    ) -> ChatClient:
+        """Connect; with fail_fast (the CLI), an unreachable NATS raises NatsUnreachable
+        within a few seconds instead of retrying forever. Long-running bots pass
+        fail_fast=False to wait for NATS and reconnect without end."""
+        server_list = [servers] if isinstance(servers, str) else list(servers)
+
+        async def quiet(exc: Exception) -> None:
+            # nats-py logs every failed attempt; the caller gets one clear error instead.
+            pass
+
+        closed = asyncio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
+        options: dict[str, Any] = {
+            "servers": server_list,
+            "closed_cb": on_closed,
+            "name": name,
+            "connect_timeout": connect_timeout,
+            "error_cb": quiet,
+            "reconnect_time_wait": 0.2 if fail_fast else 0.5,
+            # nats-py treats 0 as "no limit" on the first connect; 1 means one retry.
+            "max_reconnect_attempts": 1 if fail_fast else -1,
+        }
+        if creds:
+            options["user_credentials"] = creds
+        elif user:
+            options["user"] = user
+            options["password"] = password
+        where = ", ".join(server_list)
+        try:
+            if fail_fast:
+                budget = (connect_timeout + 0.5) * 2 * len(server_list) + 1
+                nc = await asyncio.wait_for(nats.connect(**options), budget)
+            else:
+                nc = await nats.connect(**options)
+        except nats.errors.AuthorizationError as exc:
+            raise NatsUnreachable(f"NATS at {where} refused the credentials: {exc}") from exc
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise NatsUnreachable(f"cannot reach NATS at {where}: {reason}") from exc
+        return cls(nc, request_timeout, closed)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- send ------------------------------------------------------------------------
+
+    async def send(
+        self,
+        *,
+        content: str,
+        sender: str,
+        room: str | None = None,
+        to: str | None = None,
+        client_id: str | None = None,
+    ) -> tuple[str, int]:
+        """Publish a message as the gateway does; returns (message id, CHAT sequence).
+
+        Reusing a client_id within the stream's duplicate window returns the original
+        message's sequence instead of storing it twice."""
+        if (room is None) == (to is None):
+            raise UsageError("give exactly one of room or to")
+        check_name("user", sender)
+        if not content:
+            raise UsageError("content is empty")
+        message = pb.ChatMessage(
+            id=ids.new_id(),
+            sender=sender,
+            content=content,
+            ts_ms=int(time.time() * 1000),
+            client_id=client_id or "",
+        )
+        if room is not None:
+            message.room = check_name("room", room)
+            subject = names.room_subject(room)
+        else:
+            assert to is not None
+            message.dm_peer = check_name("user", to)
+            subject = names.dm_subject(sender, to)
+        payload, headers = codec.encode(message)
+        headers[names.HEADER_MSG_ID] = names.dedup_id(sender, message.client_id, message.id)
+        try:
+            ack = await self.js.publish(
+                subject, payload, timeout=self.request_timeout, headers=headers
+            )
+        except NoStreamResponseError as exc:
+            raise ServiceUnavailable(
+                f"no stream stores {subject}: is stream {names.STREAM_CHAT} provisioned?"
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise ServiceUnavailable(f"no PubAck for {subject} (JetStream slow?)") from exc
+        return message.id, ack.seq
+
+    # --- request/reply ---------------------------------------------------------------
+
+    async def _request(
+        self, service: str, subject: str, request: betterproto2.Message
+    ) -> tuple[bytes, dict[str, str]]:
+        payload, headers = codec.encode(request)
+        try:
+            reply = await self.nc.request(
+                subject, payload, timeout=self.request_timeout, headers=headers
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise ServiceUnavailable(
+                f"{service} is not running (no responders on {subject})"
+            ) from exc
+        except nats.errors.TimeoutError as exc:
+            raise ServiceUnavailable(f"{service} did not answer on {subject} in time") from exc
+        reply_headers = dict(reply.headers or {})
+        code = reply_headers.get(ERROR_CODE_HEADER)
+        if code is not None or ERROR_HEADER in reply_headers:
+            description = reply_headers.get(ERROR_HEADER, "unknown error")
+            raise ServiceError(service, int(code) if code and code.isdigit() else 500, description)
+        return reply.data, reply_headers
+
+    async def history(
+        self,
+        *,
+        room: str | None = None,
+        dm: tuple[str, str] | None = None,
+        requester: str = "chatctl",
+        before_id: str = "",
+        limit: int = 50,
+    ) -> pb.HistoryPage:
+        """A page of a room's or DM thread's history, oldest first. For a DM the requester
+        is the first of the pair, as the service serves a thread only to a participant."""
+        if (room is None) == (dm is None):
+            raise UsageError("give exactly one of room or dm")
+        if room is not None:
+            request = pb.HistoryRequest(
+                room=check_name("room", room),
+                requester=check_name("user", requester),
+                before_id=before_id,
+                limit=limit,
+            )
+            subject = names.HISTORY_ROOM
+        else:
+            assert dm is not None
+            request = pb.HistoryRequest(
+                dm_peer=check_name("user", dm[1]),
+                requester=check_name("user", dm[0]),
+                before_id=before_id,
+                limit=limit,
+            )
+            subject = names.HISTORY_DM
+        data, headers = await self._request(names.SERVICE_HISTORY, subject, request)
+        return self._decode_reply(pb.HistoryPage, data, headers)
+
+    async def who(self) -> list[str]:
+        """Every user online, across all pages, sorted by name."""
+        # One paging implementation for the gateway and chatctl.
+        try:
+            return await presence_client.who_all(self.nc, self.request_timeout)
+        except presence_client.PresenceUnavailable as exc:
+            raise ServiceUnavailable(f"{names.SERVICE_PRESENCE} unavailable: {exc}") from exc
+
+    @staticmethod
+    def _decode_reply(cls: type[codec.M], data: bytes, headers: dict[str, str]) -> codec.M:
+        try:
+            return codec.decode_as(cls, data, headers)
+        except codec.DecodeError as exc:
+            raise ChatError(f"undecodable reply: {exc}") from exc
+
+    # --- stream: replay then live ----------------------------------------------------
+
+    async def stream(
+        self,
+        rooms: Sequence[str] = (),
+        since: int | None = None,
+        dm_user: str | None = None,
+    ) -> AsyncIterator[StreamedMessage]:
+        """Messages of `rooms` (and the DMs of `dm_user`) with sequence > `since`, then live.
+
+        No gap and no duplicate at the seam: the live subjects are subscribed (and
+        buffered) before the stream's last sequence L is read, the stored messages up to
+        L are replayed from the CHAT stream, and buffered live messages at or below L are
+        dropped. since=None: live only. Messages older than the stream keeps (its max
+        age/size) cannot be replayed; fetch them with history()."""
+        for room in rooms:
+            check_name("room", room)
+        if dm_user is not None:
+            check_name("user", dm_user)
+        if not rooms and dm_user is None:
+            raise UsageError("stream needs at least one room or a dm_user")
+
+        live_subjects = [names.live_subject(names.room_subject(r)) for r in rooms]
+        # Replay filters must not overlap, so a user's DMs replay from all DMs and are
+        # filtered here; the two live wildcards are cheap and deduplicated by sequence.
+        filters = [names.room_subject(r) for r in dict.fromkeys(rooms)]
+        if dm_user is not None:
+            live_subjects += [names.live_subject(s) for s in names.dm_subjects_of(dm_user)]
+            filters.append(names.DM_ALL)
+
+        def wanted(subject: str) -> bool:
+            parsed = names.parse_chat_subject(subject)
+            if parsed is None:
+                return False
+            kind, key = parsed
+            if kind == "room":
+                return key in rooms
+            return dm_user is not None and dm_user in key.split(".")
+
+        buffer: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def enqueue(msg: Msg) -> None:
+            buffer.put_nowait(msg)
+
+        subs = [await self.nc.subscribe(s, cb=enqueue) for s in dict.fromkeys(live_subjects)]
+        try:
+            # The server has our interest once the flush round-trip returns; anything
+            # stored after the stream info below is then sure to reach the buffer.
+            await self.nc.flush(timeout=max(1, round(self.request_timeout)))
+            try:
+                info = await self.js.stream_info(names.STREAM_CHAT)
+            except NotFoundError as exc:
+                raise ServiceUnavailable(f"stream {names.STREAM_CHAT} does not exist") from exc
+            last = info.state.last_seq
+            floor = last if since is None else max(since, last)
+            if since is not None and since < last:
+                async for item in self._replay(filters, since + 1, last):
+                    if wanted(item.subject):
+                        yield item
+            seen: deque[int] = deque(maxlen=_SEEN_WINDOW)
+            while True:
+                msg = await buffer.get()
+                live = self._live_item(msg)
+                if live is None or live.seq <= floor or live.seq in seen:
+                    continue
+                seen.append(live.seq)
+                yield live
+        finally:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _replay(
+        self, filters: list[str], start: int, last: int
+    ) -> AsyncIterator[StreamedMessage]:
+        """Stored messages matching `filters` with start <= seq <= last, in order."""
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subjects=filters,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        psub = await self.js.pull_subscribe("", stream=names.STREAM_CHAT, config=config)
+        try:
+            if (await psub.consumer_info()).num_pending == 0:
+                return
+            while True:
+                msgs = await psub.fetch(_REPLAY_BATCH, timeout=self.request_timeout)
+                for msg in msgs:
+                    meta = msg.metadata
+                    seq = meta.sequence.stream
+                    if seq > last:
+                        return  # live from here on: the buffer has it
+                    message = _decode_chat(msg)
+                    if message is not None:
+                        yield StreamedMessage(seq, msg.subject, message)
+                    if seq >= last or meta.num_pending == 0:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(names.STREAM_CHAT, psub._consumer)
+
+    @staticmethod
+    def _live_item(msg: Msg) -> StreamedMessage | None:
+        seq_header = (msg.headers or {}).get(names.HEADER_SEQUENCE, "")
+        if not seq_header.isdigit():
+            return None
+        message = _decode_chat(msg)
+        if message is None:
+            return None
+        # live.chat.room.x -> chat.room.x: report the subject the message was stored on.
+        subject = msg.subject.removeprefix(names.LIVE_PREFIX + ".")
+        return StreamedMessage(int(seq_header), subject, message)
+
+
+def _decode_chat(msg: Msg) -> pb.ChatMessage | None:
+    try:
+        return codec.decode_as(pb.ChatMessage, msg.data, msg.headers)
+    except codec.DecodeError:
+        return None  # not ours to fix: the archive parks such payloads in DEADLETTER

@@ -1,0 +1,315 @@
+"""Scenarios driven through WebSockets: fan-out, latency, durable send, connections.
+
+Each runs the same load twice in one `make bench`: against the bare baseline
+(devtools.bench.baseline) and against the real system, so the ratio is meaningful even
+when the machine's absolute speed drifts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from devtools.bench import loadgen
+from devtools.bench.cluster import Cluster, Proc, cpu_of, mint_token, nats_proc, service_exists
+from devtools.bench.loadgen import Conn, Fleet, Plan
+from devtools.bench.report import Figure, Run, percentile
+
+Target = tuple[str, int]  # host, port
+TokenFn = Callable[[str], str]
+
+
+@dataclass
+class Ctx:
+    """What every scenario gets: scale, where to write, how to reach a deployed system."""
+
+    full: bool
+    workdir: Any
+    gateway_urls: list[Target]  # empty: start our own
+    token_fn: TokenFn = mint_token
+    workers: int = 2
+
+    def scaled(self, full: int, small: int) -> int:
+        return full if self.full else small
+
+
+def _split(items: list[Conn], parts: int) -> list[list[Conn]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+def _measure_cpu(procs: list[Proc]) -> Callable[[], dict[str, float]]:
+    before = cpu_of(procs)
+    t0 = time.monotonic()
+
+    def done() -> dict[str, float]:
+        after = cpu_of(procs)
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        # Share of one core each process used during the run.
+        return {k: round((after[k] - before.get(k, 0.0)) / elapsed, 3) for k in after}
+
+    return done
+
+
+def _loadgen_cpu(results: list[dict[str, Any]], elapsed: float) -> float:
+    return round(sum(r["run_cpu_seconds"] for r in results) / max(elapsed, 1e-6), 3)
+
+
+def _system_procs(cluster: Cluster) -> list[Proc]:
+    procs = [p for _, p in cluster.services] + [p for _, p in cluster.baselines]
+    nats = nats_proc(cluster)
+    return procs + ([nats] if nats else [])
+
+
+def _gateways(ctx: Ctx, cluster: Cluster, count: int, presence: bool = True) -> list[Target]:
+    if ctx.gateway_urls:
+        return ctx.gateway_urls[:count] if len(ctx.gateway_urls) >= count else ctx.gateway_urls * count
+    if presence and service_exists("presence"):
+        cluster.presence()
+    return [("127.0.0.1", cluster.gateway(f"bench-gw-{i + 1}")[1].port) for i in range(count)]
+
+
+# --- 1. fan-out ------------------------------------------------------------------------
+def _fanout_once(ctx: Ctx, cluster: Cluster, targets: list[Target], clients: int, copies: int, tag: str) -> dict[str, Any]:
+    duration = ctx.scaled(15, 4)
+    room = "fan"
+    senders = [
+        Conn(h, p, ctx.token_fn(f"{tag}-sender-{i}"), [room], role="send", room=room)
+        for i, (h, p) in enumerate(targets)
+    ]
+    receivers = [
+        Conn(*targets[i % len(targets)], ctx.token_fn(f"{tag}-u{i}"), [room]) for i in range(clients)
+    ]
+    receiver_workers = list(range(1, ctx.workers + 1))
+    params = {"duration": duration, "window": 20, "copies": copies, "own_slot": 0, "receiver_workers": receiver_workers}
+    plans = [Plan("fanout", senders, params)] + [
+        Plan("fanout", part, {"concurrency": 100}) for part in _split(receivers, ctx.workers)
+    ]
+    fleet = Fleet(plans)
+    try:
+        fleet.start()
+        time.sleep(ctx.scaled(5, 2))  # let the join-time presence storm drain first
+        cpu = _measure_cpu(_system_procs(cluster))
+        t0 = fleet.release()
+        deadline = t0 + duration + 20
+        time.sleep(duration)
+        while time.monotonic() < deadline:
+            sent = fleet.progress[0]
+            if fleet.min_progress(receiver_workers) >= sent:
+                break
+            time.sleep(0.05)
+        results = fleet.finish()
+        elapsed = time.monotonic() - t0
+        server_cpu = cpu()
+    finally:
+        fleet.terminate()
+    recv = results[1:]
+    sent = results[0]["sent"]
+    total = sum(sum(r["received"]) for r in recv)
+    timeline = _merge([r["timeline"] for r in recv])
+    active = max(len(timeline) * loadgen.BUCKET, 1e-6)
+    by_port: dict[int, int] = {}
+    for r in recv:
+        for port, n in r["received_by_port"].items():
+            by_port[port] = by_port.get(port, 0) + n
+    return {
+        "sent": sent,
+        "frames": total,
+        "frames_per_s": total / active,
+        "per_process_per_s": {str(p): n / active for p, n in by_port.items()},
+        "lost": sent * clients - total,
+        "closed_by_server": sum(r["closed_by_server"] for r in recv),
+        "timeline": [c / loadgen.BUCKET for c in timeline],
+        "loadgen_cpu": _loadgen_cpu(results, elapsed),
+        "server_cpu": server_cpu,
+    }
+
+
+def fanout(ctx: Ctx) -> Run:
+    clients = ctx.scaled(1000, 100)
+    with Cluster(ctx.workdir / "fanout-baseline") as c:
+        base = _fanout_once(ctx, c, [("127.0.0.1", c.baseline().port) for _ in range(2)], clients, 2, "b")
+    with Cluster(ctx.workdir / "fanout") as c:
+        gw = _fanout_once(ctx, c, _gateways(ctx, c, 2), clients, 1, "f")
+    ratios = [
+        g / b
+        for g, b in zip(
+            sorted(gw["per_process_per_s"].values()), sorted(base["per_process_per_s"].values()), strict=False
+        )
+    ]
+    worst = min(ratios) if ratios else 0.0
+    figs = [
+        Figure(
+            f"fan-out frames/s ({clients} clients, 1 room, 2 gateways)",
+            gw["frames_per_s"], "frames/s", baseline=base["frames_per_s"],
+            target="ratio >= 0.6 per gateway process", passed=worst >= 0.6 and gw["lost"] == 0,
+            ratio=worst,
+        ),
+        Figure("fan-out frames lost", gw["lost"], "frames", baseline=base["lost"], target="0", passed=gw["lost"] == 0),
+    ]
+    return Run("fanout", figs, {"gateway": gw, "baseline": base, "per_process_ratio": ratios})
+
+
+def _merge(timelines: list[list[int]]) -> list[int]:
+    out = [0] * max((len(t) for t in timelines), default=0)
+    for t in timelines:
+        for i, v in enumerate(t):
+            out[i] += v
+    return out
+
+
+# --- 2. latency ------------------------------------------------------------------------
+def _latency_once(ctx: Ctx, cluster: Cluster, a: Target, b: Target, clients: int, rate: float, tag: str) -> dict[str, Any]:
+    duration = ctx.scaled(20, 5)
+    pairs = clients // 2
+    conns: list[Conn] = []
+    for i in range(pairs):
+        room = f"lat{i}"
+        conns.append(Conn(*a, ctx.token_fn(f"{tag}-s{i}"), [room], role="send", room=room))
+        conns.append(Conn(*b, ctx.token_fn(f"{tag}-r{i}"), [room]))
+    # Keep each pair in one worker, so a worker's senders and receivers match up.
+    parts: list[list[Conn]] = [[] for _ in range(ctx.workers)]
+    for i in range(pairs):
+        parts[i % ctx.workers] += conns[2 * i : 2 * i + 2]
+    plans = [Plan("latency", part, {"rate": rate / ctx.workers, "concurrency": 100}) for part in parts]
+    fleet = Fleet(plans)
+    try:
+        fleet.start()
+        time.sleep(ctx.scaled(4, 2))
+        cpu = _measure_cpu(_system_procs(cluster))
+        t0 = fleet.release()
+        time.sleep(duration)
+        results = fleet.finish()
+        elapsed = time.monotonic() - t0
+        server_cpu = cpu()
+    finally:
+        fleet.terminate()
+    # Drop the first second: connection warm-up (JIT-free Python, but caches and buffers).
+    lat_ms = sorted(x * 1000 for r in results for x in r["latencies"])
+    sent = sum(r["sent"] for r in results)
+    return {
+        "sent": sent,
+        "rate": sent / elapsed,
+        "received": len(lat_ms),
+        "p50_ms": percentile(lat_ms, 50),
+        "p99_ms": percentile(lat_ms, 99),
+        "p999_ms": percentile(lat_ms, 99.9),
+        "max_ms": lat_ms[-1] if lat_ms else 0.0,
+        "latencies_ms": lat_ms,
+        "loadgen_cpu": _loadgen_cpu(results, elapsed),
+        "server_cpu": server_cpu,
+    }
+
+
+def latency(ctx: Ctx) -> Run:
+    clients = ctx.scaled(500, 100)
+    rate = float(ctx.scaled(1000, 200))
+    with Cluster(ctx.workdir / "latency-baseline") as c:
+        port = c.baseline().port
+        base = _latency_once(ctx, c, ("127.0.0.1", port), ("127.0.0.1", port), clients, rate, "b")
+    with Cluster(ctx.workdir / "latency") as c:
+        a, b = _gateways(ctx, c, 2)
+        gw = _latency_once(ctx, c, a, b, clients, rate, "l")
+    label = f"A->B latency at {rate:.0f} msg/s, {clients} clients"
+    figs = [
+        Figure(f"{label}: p50", gw["p50_ms"], "ms", baseline=base["p50_ms"]),
+        Figure(f"{label}: p99", gw["p99_ms"], "ms", baseline=base["p99_ms"], target="<= 25 ms", passed=gw["p99_ms"] <= 25),
+        Figure(f"{label}: p99.9", gw["p999_ms"], "ms", baseline=base["p999_ms"]),
+        Figure("latency run: messages received / sent", gw["received"], "msgs", baseline=gw["sent"],
+               target="all", passed=gw["received"] >= gw["sent"]),
+    ]
+    return Run("latency", figs, {"gateway": gw, "baseline": base})
+
+
+# --- 3. durable send --------------------------------------------------------------------
+def _durable_once(ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str) -> dict[str, Any]:
+    duration = ctx.scaled(15, 4)
+    conns = [
+        Conn(*target, ctx.token_fn(f"{tag}-d{i}"), [f"dur{i}"], role="send", room=f"dur{i}") for i in range(senders)
+    ]
+    plans = [Plan("durable", part, {"window": 4, "concurrency": 100}) for part in _split(conns, ctx.workers)]
+    fleet = Fleet(plans)
+    try:
+        fleet.start()
+        time.sleep(1)
+        cpu = _measure_cpu(_system_procs(cluster))
+        t0 = fleet.release()
+        time.sleep(duration)
+        results = fleet.finish()
+        elapsed = time.monotonic() - t0
+        server_cpu = cpu()
+    finally:
+        fleet.terminate()
+    acks = sum(r["acks"] for r in results)
+    timeline = _merge([r["ack_timeline"] for r in results])
+    return {
+        "acks": acks,
+        "acks_per_s": acks / elapsed,
+        "timeline": [c / loadgen.BUCKET for c in timeline],
+        "loadgen_cpu": _loadgen_cpu(results, elapsed),
+        "server_cpu": server_cpu,
+    }
+
+
+def durable(ctx: Ctx) -> Run:
+    senders = ctx.scaled(200, 50)
+    with Cluster(ctx.workdir / "durable-baseline") as c:
+        base = _durable_once(ctx, c, ("127.0.0.1", c.baseline().port), senders, "b")
+    with Cluster(ctx.workdir / "durable") as c:
+        gw = _durable_once(ctx, c, _gateways(ctx, c, 1)[0], senders, "d")
+    figs = [
+        Figure(f"durable send: acked msgs/s ({senders} senders, 1 gateway)", gw["acks_per_s"], "msg/s",
+               baseline=base["acks_per_s"], target=">= 5000/s", passed=gw["acks_per_s"] >= 5000),
+    ]
+    return Run("durable", figs, {"gateway": gw, "baseline": base})
+
+
+# --- 6. connections ---------------------------------------------------------------------
+def _connections_once(ctx: Ctx, cluster: Cluster, target: Target, server: Proc | None, count: int, tag: str) -> dict[str, Any]:
+    conns = [Conn(*target, ctx.token_fn(f"{tag}{i}"), []) for i in range(count)]
+    plans = [Plan("idle", part, {"concurrency": 200}) for part in _split(conns, ctx.workers)]
+    rss0 = server.rss() if server else 0
+    fleet = Fleet(plans)
+    try:
+        fleet.start(timeout=600)
+        time.sleep(2)
+        rss1 = server.rss() if server else 0
+        fleet.release()
+        results = fleet.finish()
+    finally:
+        fleet.terminate()
+    seconds = max(fleet.ready[i]["connect_seconds"] for i in fleet.ready)
+    hs = sorted(x * 1000 for r in results for x in r["handshakes"])
+    return {
+        "connections": count,
+        "rss_before": rss0,
+        "rss_after": rss1,
+        "kib_per_conn": (rss1 - rss0) / 1024 / count,
+        "handshakes_per_s": count / seconds,
+        "handshake_p50_ms": percentile(hs, 50),
+        "handshake_p99_ms": percentile(hs, 99),
+    }
+
+
+def connections(ctx: Ctx) -> Run:
+    count = ctx.scaled(10000, 1000)
+    with Cluster(ctx.workdir / "conn-baseline") as c:
+        b = c.baseline()
+        base = _connections_once(ctx, c, ("127.0.0.1", b.port), b, count, "b")
+    with Cluster(ctx.workdir / "conn") as c:
+        # No presence service: with it, each of 10,000 new users is an online event sent to
+        # every socket (10^8 frames), which measures presence broadcast, not idle sockets.
+        if ctx.gateway_urls:
+            target, proc = ctx.gateway_urls[0], None
+        else:
+            _, proc = c.gateway("bench-conn")
+            target = ("127.0.0.1", proc.port)
+        gw = _connections_once(ctx, c, target, proc, count, "c")
+    figs = [
+        Figure(f"memory per idle connection ({count} on 1 gateway)", gw["kib_per_conn"], "KiB",
+               baseline=base["kib_per_conn"], target="<= 30 KiB", passed=gw["kib_per_conn"] <= 30),
+        Figure("handshakes/s (upgrade + hello + welcome)", gw["handshakes_per_s"], "/s",
+               baseline=base["handshakes_per_s"], target=">= 1000/s", passed=gw["handshakes_per_s"] >= 1000),
+    ]
+    return Run("connections", figs, {"gateway": gw, "baseline": base})

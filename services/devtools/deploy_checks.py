@@ -1,0 +1,558 @@
+"""Static checks for the container and cluster deployment (deploy/, docker-compose.yml, k8s/).
+
+No Docker engine or cluster runs where the tests run, so this module reads the files and
+answers the questions an operator would otherwise learn the hard way:
+
+- `nats_permissions()`: which subjects each service user may publish and subscribe to,
+  derived from `chatlib.names`. `render_accounts_conf()` turns it into the NATS config
+  block that deploy/nats/accounts.conf and k8s/base/nats/accounts.conf must equal
+  (regenerate with `python -m devtools.deploy_checks accounts > deploy/nats/accounts.conf`).
+- `render_kustomization()`: a small kustomize renderer for the subset k8s/ uses.
+- env helpers: which environment variables compose and the manifests give each service.
+
+The services are identified by their command (`python -m <service>`), so a renamed
+compose service or Deployment is still checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from chatlib import names
+from pydantic_settings import BaseSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("gateway", "presence", "archive")
+
+# --- Settings ----------------------------------------------------------------------
+
+
+def settings_class(service: str) -> type[BaseSettings]:
+    if service == "gateway":
+        from gateway.settings import GatewaySettings
+
+        return GatewaySettings
+    if service == "presence":
+        from presence.settings import PresenceSettings
+
+        return PresenceSettings
+    if service == "archive":
+        from archive.settings import ArchiveSettings
+
+        return ArchiveSettings
+    raise KeyError(service)
+
+
+def env_prefix(service: str) -> str:
+    return str(settings_class(service).model_config.get("env_prefix", ""))
+
+
+def setting_env_names(service: str) -> set[str]:
+    """Every environment variable the service reads (prefix + field name, upper case)."""
+    prefix = env_prefix(service)
+    return {f"{prefix}{name}".upper() for name in settings_class(service).model_fields}
+
+
+# What a deployment must set for the service to work outside a laptop: where NATS is and
+# who we are on it, production mode, plus each service's own must-haves.
+REQUIRED_COMMON = ("environment", "nats_servers", "nats_user", "nats_password")
+REQUIRED_EXTRA = {"gateway": ("allowed_origins",), "presence": (), "archive": ("database_url",)}
+
+
+def required_env_names(service: str) -> set[str]:
+    prefix = env_prefix(service)
+    fields = (*REQUIRED_COMMON, *REQUIRED_EXTRA[service])
+    return {f"{prefix}{name}".upper() for name in fields}
+
+
+def build_settings(service: str, env: dict[str, str]) -> BaseSettings:
+    """The service's settings as the container would see them (raises when invalid, e.g.
+    production with the development token secret)."""
+    import os
+    from unittest import mock
+
+    prefix = env_prefix(service)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        return settings_class(service)()
+
+
+# --- NATS permissions ----------------------------------------------------------------
+
+
+@dataclass
+class Permissions:
+    publish_allow: list[str]
+    subscribe_allow: list[str]
+    publish_deny: list[str] = field(default_factory=list)
+    allow_responses: bool = False  # micro service responders reply to requesters' inboxes
+
+
+KV_STREAM_PRESENCE = f"KV_{names.KV_PRESENCE}"
+ALL_STREAMS = (
+    names.STREAM_CHAT,
+    names.STREAM_ARCHIVE,
+    names.STREAM_DEAD,
+    names.STREAM_PRESENCE,
+    KV_STREAM_PRESENCE,
+)
+# Streams whose consumers each service may create, read and ack. Everything else is
+# denied, e.g. the gateway cannot pull (steal) the archive's work queue.
+CONSUMES = {
+    "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE),
+    "presence": (names.STREAM_PRESENCE, KV_STREAM_PRESENCE),
+    "archive": (names.STREAM_ARCHIVE, names.STREAM_DEAD),
+}
+JS_API_ALL = "$JS.API.>"
+JS_ACK_ALL = "$JS.ACK.>"
+JS_FLOW_CONTROL = "$JS.FC.>"  # ordered/push consumers answer flow-control requests
+INBOX_ALL = "_INBOX.>"
+MICRO_ALL = "$SRV.>"  # PING/INFO/STATS discovery of nats micro services
+# No service ever deletes or purges: that is an operator's job (admin user).
+DESTRUCTIVE_JS_API = (
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.PURGE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+)
+
+
+def consumer_api_denies(stream: str) -> list[str]:
+    # $JS.API.CONSUMER.<op>.<stream>[.<consumer>...]: CREATE, INFO, DELETE, NAMES, LIST
+    # $JS.API.CONSUMER.<op>.<op2>.<stream>.<consumer>: DURABLE.CREATE, MSG.NEXT
+    return [
+        f"$JS.API.CONSUMER.*.{stream}",
+        f"$JS.API.CONSUMER.*.{stream}.>",
+        f"$JS.API.CONSUMER.*.*.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+    ]
+
+
+def jetstream_denies(service: str) -> list[str]:
+    denied = [s for s in ALL_STREAMS if s not in CONSUMES[service]]
+    return [*DESTRUCTIVE_JS_API, *(d for s in denied for d in consumer_api_denies(s))]
+
+
+def kv_subject(bucket: str) -> str:
+    return f"$KV.{bucket}.>"
+
+
+def nats_permissions() -> dict[str, Permissions]:
+    """Per service user: exactly the subjects it uses (see chatlib.names)."""
+    jetstream = [JS_API_ALL, JS_ACK_ALL, JS_FLOW_CONTROL]
+    return {
+        "gateway": Permissions(
+            publish_allow=[
+                *names.STREAM_CHAT_SUBJECTS,  # chat messages, published through JetStream
+                names.PRESENCE_CONN_OPENED,
+                names.PRESENCE_CONN_CLOSED,
+                names.PRESENCE_HEARTBEAT_ALL,
+                names.TYPING_ALL,
+                names.HISTORY_ROOM,  # requests to the archive's history service
+                names.HISTORY_DM,
+                names.PRESENCE_WHO,  # requests to presence's who-is-online service
+                *jetstream,
+            ],
+            publish_deny=jetstream_denies("gateway"),
+            subscribe_allow=[
+                names.LIVE_ALL,
+                names.PRESENCE_EVENTS_ALL,
+                names.TYPING_ALL,
+                INBOX_ALL,
+            ],
+        ),
+        "presence": Permissions(
+            publish_allow=[
+                names.PRESENCE_EVENTS_ALL,  # online/offline, through stream PRESENCE
+                kv_subject(names.KV_PRESENCE),
+                *jetstream,
+            ],
+            publish_deny=jetstream_denies("presence"),
+            subscribe_allow=[
+                names.PRESENCE_CONN_OPENED,
+                names.PRESENCE_CONN_CLOSED,
+                names.PRESENCE_HEARTBEAT_ALL,
+                names.PRESENCE_WHO,
+                MICRO_ALL,
+                INBOX_ALL,
+            ],
+            allow_responses=True,
+        ),
+        "archive": Permissions(
+            publish_allow=[names.DEAD_LETTER_ARCHIVE, *jetstream],
+            publish_deny=jetstream_denies("archive"),
+            subscribe_allow=[names.HISTORY_ROOM, names.HISTORY_DM, MICRO_ALL, INBOX_ALL],
+            allow_responses=True,
+        ),
+    }
+
+
+# Environment variables nats-server reads for the passwords (compose and k8s set them
+# from the operator's secrets).
+def password_env(user: str) -> str:
+    return f"NATS_{user.upper()}_PASSWORD"
+
+
+NATS_ACCOUNT = "CHAT"
+NATS_ADMIN_USER = "admin"  # operators and the nats CLI: everything in the CHAT account
+NATS_SYSTEM_USER = "sys"  # `nats server ...` reports: the system account
+
+
+def _conf_list(items: list[str], indent: str) -> str:
+    inner = "".join(f'{indent}  "{item}"\n' for item in items)
+    return f"[\n{inner}{indent}]"
+
+
+def render_accounts_conf() -> str:
+    lines = [
+        "# GENERATED from chatlib.names by `python -m devtools.deploy_checks accounts`;",
+        "# do not edit by hand (a test fails when it is stale). One user per service, each",
+        "# allowed exactly the subjects it uses. Passwords come from environment variables.",
+        "accounts: {",
+        f"  {NATS_ACCOUNT}: {{",
+        "    jetstream: enabled",
+        "    users: [",
+    ]
+    ind = "          "
+    for user, perms in nats_permissions().items():
+        lines += [
+            "      {",
+            f"        user: {user}",
+            f"        password: ${password_env(user)}",
+            "        permissions: {",
+            "          publish: {",
+            f"            allow: {_conf_list(perms.publish_allow, ind + '  ')}",
+        ]
+        if perms.publish_deny:
+            lines.append(f"            deny: {_conf_list(perms.publish_deny, ind + '  ')}")
+        lines += [
+            "          }",
+            "          subscribe: {",
+            f"            allow: {_conf_list(perms.subscribe_allow, ind + '  ')}",
+            "          }",
+        ]
+        if perms.allow_responses:
+            lines.append("          allow_responses: true")
+        lines += ["        }", "      }"]
+    lines += [
+        f"      {{user: {NATS_ADMIN_USER}, password: ${password_env(NATS_ADMIN_USER)}}}",
+        "    ]",
+        "  }",
+        "  SYS: {",
+        f"    users: [{{user: {NATS_SYSTEM_USER}, password: ${password_env(NATS_SYSTEM_USER)}}}]",
+        "  }",
+        "}",
+        "system_account: SYS",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- Files ---------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3) or ""
+        value = env.get(name)
+        if op in (":-", "-"):
+            empty = value is None or (op == ":-" and value == "")
+            return arg if empty else str(value)
+        if op in (":?", "?"):
+            if value is None or (op == ":?" and value == ""):
+                raise KeyError(f"{name}: {arg}")
+            return value
+        return value or ""
+
+    return _INTERPOLATION.sub(one, text).replace("$$", "$")
+
+
+def required_compose_variables(text: str) -> set[str]:
+    return {m.group(1) for m in _INTERPOLATION.finditer(text) if m.group(2) in (":?", "?")}
+
+
+# --- Compose -------------------------------------------------------------------------
+
+
+def service_of_command(command: Any) -> str | None:
+    """'gateway' for ["python", "-m", "gateway"] or ["chat-gateway"]; None otherwise."""
+    if isinstance(command, str):
+        command = command.split()
+    if not isinstance(command, list):
+        return None
+    for svc in SERVICES:
+        if command[-2:] == ["-m", svc] or command[:1] == [f"chat-{svc}"]:
+            return svc
+    return None
+
+
+def compose_env(service_def: dict[str, Any]) -> dict[str, str]:
+    env = service_def.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def compose_services(compose: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """compose service name -> (our service, its definition), for our services only."""
+    out = {}
+    for name, definition in compose["services"].items():
+        svc = service_of_command(definition.get("command"))
+        if svc:
+            out[name] = (svc, definition)
+    return out
+
+
+# --- Kustomize (the subset k8s/ uses) ------------------------------------------------
+# Supported: resources (files, or directories with a kustomization.yaml), namespace,
+# patches (files; strategic merge matched by kind + metadata.name, lists of objects merged
+# by "name", other lists replaced), configMapGenerator / secretGenerator (files, literals,
+# envs; behavior create|merge|replace; names never hashed: generatorOptions
+# disableNameSuffixHash must be true), images (newName/newTag), replicas.
+
+
+class KustomizeError(ValueError):
+    pass
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in [*base, *patch])
+    ):
+        out_list = [copy.deepcopy(i) for i in base]
+        for item in patch:
+            for idx, existing in enumerate(out_list):
+                if existing["name"] == item["name"]:
+                    out_list[idx] = _merge(existing, item)
+                    break
+            else:
+                out_list.append(copy.deepcopy(item))
+        return out_list
+    return copy.deepcopy(patch)
+
+
+def _generated(gen: dict[str, Any], folder: Path, kind: str) -> dict[str, Any]:
+    data: dict[str, str] = {}
+    for entry in gen.get("files", []):
+        key, _, rel = entry.partition("=") if "=" in entry else (Path(entry).name, "", entry)
+        data[key] = _read_inside(folder, rel).read_text()
+    for literal in gen.get("literals", []):
+        key, value = literal.split("=", 1)
+        data[key] = value
+    for env_file in gen.get("envs", []):
+        data.update(parse_env_file(_read_inside(folder, env_file)))
+    obj: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {"name": gen["name"]},
+    }
+    if kind == "Secret":
+        obj["type"] = gen.get("type", "Opaque")
+        obj["stringData"] = data
+    else:
+        obj["data"] = data
+    return obj
+
+
+def _read_inside(folder: Path, rel: str) -> Path:
+    """kustomize's load restrictor: generators may only read files under the folder."""
+    path = (folder / rel).resolve()
+    if folder.resolve() not in path.parents:
+        raise KustomizeError(f"{rel} is outside {folder} (kustomize refuses it)")
+    if not path.exists():
+        # Secrets are the operator's: fall back to the committed example so the
+        # manifests can be checked without real secrets.
+        example = path.with_name(path.name + ".example")
+        if example.exists():
+            return example
+        raise KustomizeError(f"{path} does not exist")
+    return path
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def render_kustomization(folder: Path) -> list[dict[str, Any]]:
+    kust = load_yaml(folder / "kustomization.yaml")
+    allowed = {
+        "apiVersion",
+        "kind",
+        "resources",
+        "namespace",
+        "patches",
+        "configMapGenerator",
+        "secretGenerator",
+        "generatorOptions",
+        "images",
+        "replicas",
+        "labels",
+    }
+    unknown = set(kust) - allowed
+    if unknown:
+        raise KustomizeError(f"{folder}: unsupported kustomization fields {sorted(unknown)}")
+    if "labels" in kust:
+        raise KustomizeError("labels: not supported by this renderer")
+    objs: list[dict[str, Any]] = []
+    for res in kust.get("resources", []):
+        path = folder / res
+        if path.is_dir():
+            objs += render_kustomization(path)
+        else:
+            objs += load_yaml_docs(path)
+    gens = [("ConfigMap", g) for g in kust.get("configMapGenerator", [])] + [
+        ("Secret", g) for g in kust.get("secretGenerator", [])
+    ]
+    if gens and not (kust.get("generatorOptions") or {}).get("disableNameSuffixHash"):
+        raise KustomizeError(f"{folder}: generatorOptions.disableNameSuffixHash must be true")
+    for kind, gen in gens:
+        made = _generated(gen, folder, kind)
+        behavior = gen.get("behavior", "create")
+        existing = [i for i, o in enumerate(objs) if _key(o) == _key(made)]
+        if behavior == "create":
+            if existing:
+                raise KustomizeError(f"{kind} {gen['name']} already exists")
+            objs.append(made)
+        elif not existing:
+            raise KustomizeError(f"{kind} {gen['name']}: nothing to {behavior}")
+        elif behavior == "merge":
+            objs[existing[0]] = _merge(objs[existing[0]], made)
+        else:
+            objs[existing[0]] = made
+    for patch in kust.get("patches", []):
+        if set(patch) != {"path"}:
+            raise KustomizeError("only `patches: - path: file` is supported")
+        for doc in load_yaml_docs(folder / patch["path"]):
+            idx = [i for i, o in enumerate(objs) if _key(o) == _key(doc)]
+            if len(idx) != 1:
+                raise KustomizeError(f"patch target {_key(doc)} not found once")
+            objs[idx[0]] = _merge(objs[idx[0]], doc)
+    for rep in kust.get("replicas", []):
+        targets = [
+            o
+            for o in objs
+            if o["metadata"]["name"] == rep["name"] and o["kind"] in ("Deployment", "StatefulSet")
+        ]
+        if not targets:
+            raise KustomizeError(f"replicas: {rep['name']} not found")
+        for obj in targets:
+            obj["spec"]["replicas"] = rep["count"]
+    for image in kust.get("images", []):
+        for pod in pod_specs(objs):
+            for container in _containers(pod):
+                name, _, _tag = container["image"].partition(":")
+                if name == image["name"]:
+                    container["image"] = (
+                        f"{image.get('newName', name)}:{image.get('newTag', _tag or 'latest')}"
+                    )
+    if "namespace" in kust:
+        for obj in objs:
+            if obj["kind"] != "Namespace":
+                obj["metadata"]["namespace"] = kust["namespace"]
+    return objs
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        o["spec"]["template"]["spec"]
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet")
+    ]
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def find(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+
+
+def k8s_service_containers(
+    objs: list[dict[str, Any]],
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(our service, workload, container) for every container running one of our services."""
+    out = []
+    for obj in find(objs, "Deployment"):
+        for container in obj["spec"]["template"]["spec"]["containers"]:
+            svc = service_of_command(container.get("command", []) + container.get("args", []))
+            if svc:
+                out.append((svc, obj, container))
+    return out
+
+
+def k8s_container_env(objs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment: env entries, secretKeyRef/configMapKeyRef values and
+    whole ConfigMaps/Secrets from envFrom, resolved against the rendered objects."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef") or source.get("secretRef")
+        kind = "ConfigMap" if "configMapRef" in source else "Secret"
+        found = find(objs, kind, ref["name"])
+        if not found:
+            raise KeyError(f"{kind} {ref['name']} (envFrom) not rendered")
+        env.update(found[0].get("data") or found[0].get("stringData") or {})
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        value_from = item["valueFrom"]
+        if "fieldRef" in value_from:
+            env[item["name"]] = "<field>"
+            continue
+        ref = value_from.get("secretKeyRef") or value_from.get("configMapKeyRef")
+        kind = "Secret" if "secretKeyRef" in value_from else "ConfigMap"
+        found = find(objs, kind, ref["name"])
+        if not found:
+            raise KeyError(f"{kind} {ref['name']} not rendered")
+        data = found[0].get("data") or found[0].get("stringData") or {}
+        if ref["key"] not in data:
+            raise KeyError(f"{kind} {ref['name']} has no key {ref['key']}")
+        env[item["name"]] = data[ref["key"]]
+    return env
+
+
+def main(argv: list[str]) -> None:
+    if argv[1:] == ["accounts"]:
+        sys.stdout.write(render_accounts_conf())
+        return
+    raise SystemExit("usage: python -m devtools.deploy_checks accounts")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

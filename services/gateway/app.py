@@ -1,0 +1,378 @@
+"""Gateway wiring and lifecycle: NATS, the WebSocket endpoint, HTTP routes, shutdown.
+
+Runs uvicorn inside our own event loop so that one place owns startup and SIGTERM:
+stop accepting -> close every socket with 1001 (clients reconnect elsewhere and resume)
+-> stop uvicorn -> drain NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from chatlib import health, lifecycle, names, nats_wiring, validate
+from chatlib.logs import setup_logging
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from starlette.datastructures import Headers
+from starlette.staticfiles import StaticFiles
+
+from gateway import frames, handlers, metrics, recovery
+from gateway.auth import Authenticator, AuthError, origin_allowed
+from gateway.fanout import Hub
+from gateway.frames import FrameError
+from gateway.presence import PresenceLink
+from gateway.session import Session
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+WS_PATH = "/ws"
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+
+class Gateway:
+    name = "gateway"
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.auth = Authenticator(settings)
+        self.accepting = False
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.hub: Hub | None = None
+        self.presence: PresenceLink | None = None
+        self.active: set[asyncio.Task[Any]] = set()
+        self.sessions: set[Session] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
+        self.nc, self.js = nc, js
+        self.hub = Hub(nc)
+        await self.hub.start()
+        self.presence = PresenceLink(nc, instance, self.settings)
+        await self.presence.start()
+        self.accepting = True
+
+    def ready(self) -> bool:
+        return self.accepting and self.nc is not None and self.nc.is_connected
+
+    async def stop_intake(self) -> None:
+        self.accepting = False
+
+    async def finish_inflight(self) -> None:
+        """Close every socket with 'going away' (frames already queued go out first)."""
+        await asyncio.gather(
+            *(
+                s.close(frames.CLOSE_GOING_AWAY, "server shutting down", flush=True)
+                for s in list(self.sessions)
+            ),
+            return_exceptions=True,
+        )
+        if self.active:
+            await asyncio.wait(set(self.active))
+
+    async def close(self) -> None:
+        if self.presence is not None:
+            await self.presence.stop()
+        if self.hub is not None:
+            await self.hub.stop()
+
+    def deps(self) -> handlers.Deps:
+        assert self.nc is not None and self.js is not None and self.hub is not None
+        return handlers.Deps(self.nc, self.js, self.hub, self.settings)
+
+    # --- the WebSocket ------------------------------------------------------------------
+    async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.active.add(task)
+        try:
+            await self._websocket(scope, receive, send)
+        finally:
+            self.active.discard(task)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        headers = Headers(scope=scope)
+        allowed = origin_allowed(
+            headers.get("origin"), headers.get("host"), self.settings.allowed_origins
+        )
+        if not allowed or not self.accepting:
+            # Closing before accept makes the server answer the handshake with HTTP 403.
+            log.info("websocket refused", extra={"origin": headers.get("origin")})
+            await send({"type": "websocket.close", "code": frames.CLOSE_POLICY})
+            return
+        await send({"type": "websocket.accept"})
+
+        async def refuse(code: str, message: str) -> None:
+            await send({"type": "websocket.send", "text": frames.error(code, message, "hello")})
+            await send({"type": "websocket.close", "code": frames.CLOSE_UNAUTHORIZED})
+
+        try:
+            raw = await asyncio.wait_for(_receive_frame(receive), self.settings.hello_timeout)
+        except TimeoutError:
+            await refuse("unauthorized", "no hello within the time limit")
+            return
+        if raw is None:
+            return
+        try:
+            hello = frames.parse(raw)
+            if hello["type"] != "hello":
+                raise FrameError("unauthorized", "the first frame must be hello")
+            user = self.auth.verify(hello.get("token"))
+        except (FrameError, AuthError) as exc:
+            await refuse("unauthorized", str(exc))
+            return
+        session = Session(user, send, self.settings)
+        self.sessions.add(session)
+        try:
+            await self._run_session(session, hello, receive)
+        finally:
+            self.sessions.discard(session)
+            await self.deps().hub.remove(session)
+            if self.presence is not None:
+                self.presence.closed(session.id, session.user)
+            await session.finished()
+            metrics.CONNECTIONS.dec()
+
+    async def _run_session(self, session: Session, hello: dict[str, Any], receive: Receive) -> None:
+        metrics.CONNECTIONS.inc()
+        deps = self.deps()
+        rooms, problems = _hello_rooms(hello)
+        resume = hello.get("resume_seq")
+        if resume is not None and (not isinstance(resume, int) or resume < 0):
+            problems.append(FrameError("bad_frame", "resume_seq must be an integer >= 0"))
+            resume = None
+        # Live subscriptions first (buffered in the session), then the snapshot: every
+        # message after the snapshot arrives live, everything before it is replayed.
+        await deps.hub.add(session, rooms)
+        try:
+            snapshot: int | None = (await deps.js.stream_info(names.STREAM_CHAT)).state.last_seq
+        except Exception as exc:
+            log.warning("cannot read the chat log position: %s", exc)
+            snapshot = None
+        online = await self.presence.who() if self.presence is not None else None
+        session.push(
+            frames.dumps(
+                {
+                    "type": "welcome",
+                    "v": frames.VERSION,
+                    "user": session.user,
+                    "rooms": sorted(session.rooms),
+                    "online": online or [],
+                    "seq": snapshot or 0,
+                }
+            )
+        )
+        if online is None:
+            problems.append(FrameError("presence_unavailable", "who is online is unknown"))
+        for problem in problems:
+            session.push(frames.error(problem.code, problem.message, problem.ref or "hello"))
+        if resume is not None:
+            await self._replay(session, resume, snapshot)
+        session.end_buffering(snapshot or 0)
+        if self.presence is not None:
+            self.presence.opened(session.id, session.user)
+
+        while True:
+            raw = await _receive_frame(receive)
+            if raw is None:
+                return
+            close_code = await handlers.handle_raw(raw, session, deps)
+            if close_code is not None:
+                metrics.ABUSE_DISCONNECTS.inc()
+                await session.close(close_code, "too many violations", flush=True)
+
+    async def _replay(self, session: Session, resume: int, snapshot: int | None) -> None:
+        assert self.js is not None
+        replayed: list[Any] = []
+        complete = False
+        if snapshot is not None:
+            try:
+                result = await recovery.replay(
+                    self.js,
+                    session.user,
+                    sorted(session.rooms),
+                    resume,
+                    snapshot,
+                    self.settings.recovery_max_messages,
+                )
+                replayed, complete = result.messages, result.complete
+            except Exception as exc:
+                log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
+        for seq, msg in replayed:
+            session.push(frames.MessageFrames(msg, seq).for_user(session.user))
+        metrics.REPLAYED.inc(len(replayed))
+        session.push(
+            frames.dumps({"type": "resumed", "replayed": len(replayed), "complete": complete})
+        )
+
+
+async def _receive_frame(receive: Receive) -> str | bytes | None:
+    """The next data frame; None once the client is gone."""
+    while True:
+        event = await receive()
+        if event["type"] == "websocket.receive":
+            text = event.get("text")
+            return text if text is not None else (event.get("bytes") or b"")
+        if event["type"] == "websocket.disconnect":
+            return None
+
+
+def _hello_rooms(hello: dict[str, Any]) -> tuple[list[str], list[FrameError]]:
+    rooms, problems = [frames.LOBBY], []
+    requested = hello.get("rooms") or []
+    if not isinstance(requested, list):
+        return rooms, [FrameError("bad_frame", "rooms must be a list of room names", "hello")]
+    for room in requested:
+        if not validate.is_valid_name(room):
+            problems.append(
+                FrameError("bad_room", f"room name must be {validate.NAME_RULE}", str(room)[:64])
+            )
+        elif room not in rooms:
+            rooms.append(room)
+    return rooms, problems
+
+
+# --- HTTP --------------------------------------------------------------------------------
+def build_app(gateway: Gateway) -> Any:
+    settings = gateway.settings
+    api = FastAPI(title="natschat gateway", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.get("/")
+    async def index() -> Response:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            return PlainTextResponse("the web page is not installed\n", status_code=503)
+        return FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @api.get("/api/config")
+    async def config() -> dict[str, Any]:
+        return {
+            "version": frames.VERSION,
+            "auth_mode": settings.auth_mode,
+            "limits": {
+                "max_content_bytes": settings.max_content_bytes,
+                "max_frame_bytes": settings.max_frame_bytes,
+                "rate_per_second": settings.rate_per_second,
+                "rate_burst": settings.rate_burst,
+            },
+        }
+
+    @api.post("/api/guest")
+    async def guest(request: Request) -> Response:
+        if settings.auth_mode != "guest":
+            return JSONResponse(_http_error("not_found", "guest mode is off"), status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        name = body.get("name") if isinstance(body, dict) else None
+        if not validate.is_valid_name(name):
+            message = f"name must be {validate.NAME_RULE}"
+            return JSONResponse(_http_error("bad_user", message), status_code=400)
+        token, expires_at = gateway.auth.issue_guest(str(name))
+        return JSONResponse(
+            {"token": token, "user": name, "expires_at": expires_at},
+            headers={"Cache-Control": "no-store"},
+        )
+
+    for path in health.HEALTH_PATHS:
+
+        async def probe(request: Request) -> Response:
+            status, ctype, body = health.probe_response(request.url.path, gateway.ready)
+            return Response(body, status_code=status, media_type=ctype)
+
+        api.add_api_route(path, probe, methods=["GET"], include_in_schema=False)
+
+    api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # The chat socket bypasses the framework: it needs uvicorn's own send (to cut a
+        # stuck connection) and nothing of routing.
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            await gateway.websocket(scope, receive, send)
+        else:
+            await api(scope, receive, send)
+
+    return app
+
+
+def _http_error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: our loop owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway = Gateway(settings)
+    ident = nats_wiring.instance_id(settings, gateway.name)
+    stop = asyncio.Event()
+    lifecycle.stop_on_signals(stop)
+    nc = await nats_wiring.connect(settings, ident)
+    js = nc.jetstream()
+    await nats_wiring.provision(js, settings)
+    await gateway.start(nc, js, ident)
+    config = uvicorn.Config(
+        build_app(gateway),
+        host=settings.http_host,
+        port=settings.http_port,
+        ws="websockets-sansio",
+        ws_max_size=settings.hard_frame_bytes or 2 * settings.max_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
+        access_log=False,  # tokens never go in URLs, but keep request logs out anyway
+        lifespan="off",
+        log_config=None,
+        server_header=False,
+    )
+    server = _Server(config)
+    server_task = asyncio.create_task(server.serve())
+    log.info("gateway started", extra={"instance": ident, "port": settings.http_port})
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({server_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("gateway stopping")
+    # 1. Stop accepting sockets (/readyz turns 503 so load balancers move on).
+    await gateway.stop_intake()
+    # 2. Close every socket with 1001 so clients reconnect elsewhere and resume.
+    try:
+        await asyncio.wait_for(gateway.finish_inflight(), settings.drain_timeout)
+    except TimeoutError:
+        log.warning("sockets not closed within %.1fs", settings.drain_timeout)
+    # 3. Stop the HTTP server.
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(server_task, settings.drain_timeout)
+    stop_task.cancel()
+    await gateway.close()
+    # 4. Drain NATS last: presence 'closed' events and pending publishes go out.
+    try:
+        await asyncio.wait_for(nc.drain(), settings.drain_timeout)
+    except Exception as exc:
+        log.warning("nats drain failed: %s", exc)
+        await nc.close()
+    log.info("gateway stopped")
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    setup_logging("gateway", settings.log_level)
+    lifecycle.run_main(lambda: serve(settings))

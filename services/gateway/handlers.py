@@ -1,0 +1,238 @@
+"""Client frames -> actions. Plain async functions taking the decoded frame, the session
+and the dependencies; every refusal is a FrameError that becomes an error frame."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from chatlib import codec, ids, names
+from chatlib.proto.chat import v1 as pb
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from gateway import frames, metrics
+from gateway.fanout import Hub
+from gateway.frames import FrameError
+from gateway.session import Session
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+HISTORY_LIMIT_MAX = 200
+SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+
+
+@dataclass
+class Deps:
+    nc: NATS
+    js: JetStreamContext
+    hub: Hub
+    settings: GatewaySettings
+
+
+Handler = Callable[[dict[str, Any], Session, Deps], Awaitable[None]]
+
+
+def frame_size(raw: str | bytes) -> int:
+    return len(raw.encode()) if isinstance(raw, str) else len(raw)
+
+
+async def handle_raw(raw: str | bytes, session: Session, deps: Deps) -> int | None:
+    """Handle one client frame after hello. Returns a close code when the client has
+    become abusive, else None (errors went to the client as error frames)."""
+    max_bytes = deps.settings.max_frame_bytes
+    if frame_size(raw) > max_bytes:
+        _refuse(session, FrameError("frame_too_large", f"frames are limited to {max_bytes} bytes"))
+        return frames.CLOSE_POLICY if session.abuse.violation() else None
+    try:
+        frame = frames.parse(raw)
+    except FrameError as exc:
+        metrics.FRAMES_IN.labels("invalid").inc()
+        _refuse(session, exc)
+        return None
+    kind = frame["type"]
+    metrics.FRAMES_IN.labels(kind).inc()
+    if kind in frames.RATE_LIMITED_TYPES and not session.bucket.take():
+        metrics.RATE_LIMITED.inc()
+        ref = frame.get("client_id") if isinstance(frame.get("client_id"), str) else kind
+        _refuse(session, FrameError("rate_limited", "slow down: too many frames", str(ref)[:64]))
+        return frames.CLOSE_POLICY if session.abuse.violation() else None
+    try:
+        await HANDLERS[kind](frame, session, deps)
+    except FrameError as exc:
+        _refuse(session, exc)
+    return None
+
+
+def _refuse(session: Session, exc: FrameError) -> None:
+    metrics.ERRORS.labels(exc.code).inc()
+    session.push(frames.error(exc.code, exc.message, exc.ref))
+
+
+# --- rooms -----------------------------------------------------------------------------
+async def handle_join(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    room = frames.room_of(frame, "join")
+    await deps.hub.join(session, room)
+    session.push(frames.dumps({"type": "joined", "room": room}))
+
+
+async def handle_leave(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    room = frames.room_of(frame, "leave")
+    await deps.hub.leave(session, room)
+    session.push(frames.dumps({"type": "left", "room": room}))
+
+
+# --- durable send ------------------------------------------------------------------------
+async def handle_send(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    cid = frames.client_id_of(frame)
+    room = frames.room_of(frame, cid)
+    content = frames.content_of(frame, deps.settings.max_content_bytes, cid)
+    if room not in session.rooms:
+        raise FrameError("not_joined", f"join {room!r} before sending to it", cid)
+    msg = _new_message(session.user, content, cid, room=room)
+    await publish_durably(msg, names.room_subject(room), session, deps)
+
+
+async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    cid = frames.client_id_of(frame)
+    peer = frames.user_of(frame, "to", cid)
+    if peer == session.user:
+        raise FrameError("bad_user", "you cannot send a direct message to yourself", cid)
+    content = frames.content_of(frame, deps.settings.max_content_bytes, cid)
+    msg = _new_message(session.user, content, cid, dm_peer=peer)
+    await publish_durably(msg, names.dm_subject(session.user, peer), session, deps)
+
+
+def _new_message(
+    sender: str, content: str, cid: str, room: str = "", dm_peer: str = ""
+) -> pb.ChatMessage:
+    return pb.ChatMessage(
+        id=ids.new_id(),
+        room=room,
+        dm_peer=dm_peer,
+        sender=sender,  # the token's user, never a field the client typed
+        content=content,
+        ts_ms=int(time.time() * 1000),
+        client_id=cid,
+    )
+
+
+async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
+    """Ack only after JetStream stored it. A retry (same client_id, any gateway) is a
+    duplicate for JetStream; it is acked with the original's id, seq and time."""
+    payload, headers = codec.encode(msg)
+    headers[names.HEADER_MSG_ID] = names.dedup_id(msg.sender, msg.client_id, msg.id)
+    try:
+        ack = await deps.js.publish(
+            subject,
+            payload,
+            timeout=deps.settings.request_timeout,
+            stream=names.STREAM_CHAT,
+            headers=headers,
+        )
+        msg_id, ts = msg.id, msg.ts_ms
+        if ack.duplicate:
+            stored = await deps.js.get_msg(names.STREAM_CHAT, ack.seq)
+            original = codec.decode_as(pb.ChatMessage, stored.data or b"", stored.headers)
+            msg_id, ts = original.id, original.ts_ms
+    except Exception as exc:
+        metrics.SEND_FAILURES.inc()
+        log.warning("send not durable: %s", exc, extra={"user": msg.sender})
+        raise FrameError(
+            "send_failed",
+            "the message could not be stored; retry with the same client_id",
+            msg.client_id,
+        ) from exc
+    session.push(
+        frames.dumps(
+            {"type": "ack", "client_id": msg.client_id, "id": msg_id, "seq": ack.seq, "ts": ts}
+        )
+    )
+
+
+# --- history -----------------------------------------------------------------------------
+async def handle_history(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    limit = frame.get("limit", deps.settings.history_page_size)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= HISTORY_LIMIT_MAX:
+        raise FrameError("bad_frame", f"limit must be 1-{HISTORY_LIMIT_MAX}", "history")
+    before = frame.get("before") or ""
+    if not isinstance(before, str) or (before and not ids.is_valid_id(before)):
+        raise FrameError("bad_frame", "before must be a message id", "history")
+    request = pb.HistoryRequest(requester=session.user, before_id=before, limit=limit)
+    target: dict[str, str]
+    if "room" in frame:
+        request.room = frames.room_of(frame, "history")
+        subject, target = names.HISTORY_ROOM, {"room": request.room}
+    elif "with" in frame:
+        request.dm_peer = frames.user_of(frame, "with", "history")
+        subject, target = names.HISTORY_DM, {"with": request.dm_peer}
+    else:
+        raise FrameError("bad_frame", 'history needs "room" or "with"', "history")
+    payload, headers = codec.encode(request)
+    unavailable = FrameError("history_unavailable", "history is unavailable right now", "history")
+    try:
+        reply = await deps.nc.request(
+            subject, payload, timeout=deps.settings.request_timeout, headers=headers
+        )
+    except Exception as exc:  # timeout, no responders, NATS down
+        log.info("history request failed: %s", exc)
+        raise unavailable from exc
+    code = (reply.headers or {}).get(SERVICE_ERROR_CODE)
+    if code == "403":
+        raise FrameError("forbidden", "you are not a participant of that thread", "history")
+    if code == "400":
+        raise FrameError("bad_frame", "the history service refused the request", "history")
+    if code:
+        raise unavailable
+    try:
+        page = codec.decode_as(pb.HistoryPage, reply.data, reply.headers)
+    except codec.DecodeError as exc:
+        raise unavailable from exc
+    messages = [frames.message_object(m, None, m.sender == session.user) for m in page.messages]
+    session.push(
+        frames.dumps({"type": "history", **target, "messages": messages, "has_more": page.has_more})
+    )
+
+
+# --- typing, ping ------------------------------------------------------------------------
+async def handle_typing(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    if "room" in frame:
+        room = frames.room_of(frame, "typing")
+        if room not in session.rooms:
+            raise FrameError("not_joined", f"join {room!r} first", "typing")
+        event, subject = pb.Typing(room=room, user=session.user), names.typing_room_subject(room)
+    elif "to" in frame:
+        peer = frames.user_of(frame, "to", "typing")
+        event = pb.Typing(dm_peer=peer, user=session.user)
+        subject = names.typing_dm_subject(session.user, peer)
+    else:
+        raise FrameError("bad_frame", 'typing needs "room" or "to"', "typing")
+    payload, headers = codec.encode(event)
+    try:
+        await deps.nc.publish(subject, payload, headers=headers)
+    except Exception as exc:  # ephemeral: losing one indicator is fine
+        log.debug("typing publish failed: %s", exc)
+
+
+async def handle_ping(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    session.push(frames.dumps({"type": "pong"}))
+
+
+async def handle_second_hello(frame: dict[str, Any], session: Session, deps: Deps) -> None:
+    raise FrameError("bad_frame", "hello was already received", "hello")
+
+
+HANDLERS: dict[str, Handler] = {
+    "hello": handle_second_hello,
+    "join": handle_join,
+    "leave": handle_leave,
+    "send": handle_send,
+    "dm": handle_dm,
+    "history": handle_history,
+    "typing": handle_typing,
+    "ping": handle_ping,
+}

@@ -1,0 +1,40 @@
+"""Per-connection limits: a token bucket for frames, and a tally of violations for abuse."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+
+class TokenBucket:
+    """`rate` tokens per second, up to `burst`; each counted frame takes one."""
+
+    def __init__(self, rate: float, burst: int, now: float | None = None) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic() if now is None else now
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class AbuseGuard:
+    """More than `limit` violations within `window` seconds makes a client abusive."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self.times: deque[float] = deque()
+
+    def violation(self, now: float | None = None) -> bool:
+        """Record one; True when the client is now abusive."""
+        now = time.monotonic() if now is None else now
+        self.times.append(now)
+        while self.times and self.times[0] < now - self.window:
+            self.times.popleft()
+        return len(self.times) > self.limit

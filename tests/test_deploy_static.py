@@ -1,0 +1,350 @@
+"""The container and cluster files are right before an operator ever runs them.
+
+No Docker engine or cluster runs here: Dockerfiles go through hadolint, compose through
+the compose spec, every rendered Kubernetes manifest through kubernetes-validate
+--strict, and our own cross-checks tie them to the code (settings, probes, permissions).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chatlib.health import HEALTH_PATHS
+from devtools import deploy_checks as dc
+
+ROOT = dc.ROOT
+BIN = Path(sys.executable).parent
+OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
+DOCKERFILES = sorted((ROOT / "deploy").rglob("Dockerfile*"))
+
+
+def compose_text() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
+
+def compose_with_example_env() -> dict[str, Any]:
+    """docker-compose.yml as compose sees it with the documented .env.example values."""
+    env = dc.parse_env_file(ROOT / ".env.example")
+    return yaml.safe_load(dc.interpolate(compose_text(), env))
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, dc.render_kustomization(ROOT / "k8s" / "overlays" / request.param)
+
+
+# --- Linters and schemas ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_dockerfile_passes_hadolint(dockerfile: Path) -> None:
+    done = subprocess.run([BIN / "hadolint", str(dockerfile)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_file_follows_the_compose_spec() -> None:
+    done = subprocess.run(
+        [BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_rendered_manifest_is_valid_kubernetes(
+    rendered: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    _, objs = rendered
+    files = []
+    for i, obj in enumerate(objs):
+        path = tmp_path / f"{i}-{obj['kind']}-{obj['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        files.append(str(path))
+    done = subprocess.run(
+        [BIN / "kubernetes-validate", "--strict", "--quiet", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- The image ---------------------------------------------------------------------------
+
+
+def test_image_is_multi_stage_slim_non_root_with_healthcheck() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    stages = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(stages) >= 2 and all("-slim" in line for line in stages)
+    final = text.split(stages[-1], 1)[1]
+    assert "USER 10001" in final and "HEALTHCHECK" in final
+    # No compilers or package managers' leftovers in the final stage.
+    assert "apt-get" not in final and "pip install" not in final
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".env", "tests"} <= set(ignored)
+
+
+def test_image_healthcheck_script_reports_a_service_healthy_only_while_it_answers() -> None:
+    import asyncio
+    import threading
+
+    from chatlib.health import HealthServer
+    from devtools.servers import free_port
+
+    port = free_port()
+    script = ROOT / "deploy" / "healthcheck.py"
+    env = {**os.environ, "ARCHIVE_HTTP_PORT": str(port)}
+
+    def check() -> int:
+        return subprocess.run([sys.executable, str(script)], env=env).returncode
+
+    assert check() == 1  # nothing listening yet
+    loop = asyncio.new_event_loop()
+    server = HealthServer("127.0.0.1", port, lambda: True)
+    loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert check() == 0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(server.stop())
+        loop.close()
+
+
+# --- Compose -----------------------------------------------------------------------------
+
+
+def test_compose_refuses_to_start_without_each_required_secret() -> None:
+    text = compose_text()
+    required = dc.required_compose_variables(text)
+    documented = dc.parse_env_file(ROOT / ".env.example")
+    assert required, "secrets must be ${VAR:?...}"
+    assert required <= set(documented), "every required variable is in .env.example"
+    for name in required:
+        env = {k: v for k, v in documented.items() if k != name}
+        with pytest.raises(KeyError, match=name):
+            dc.interpolate(text, env)
+
+
+def test_compose_runs_the_whole_system_with_healthy_dependencies() -> None:
+    compose = compose_with_example_env()
+    ours = dc.compose_services(compose)
+    by_service: dict[str, list[dict[str, Any]]] = {}
+    for _, (svc, definition) in ours.items():
+        by_service.setdefault(svc, []).append(definition)
+    assert set(by_service) == set(dc.SERVICES)
+    replicas = {
+        svc: sum((d.get("deploy") or {}).get("replicas", 1) for d in defs)
+        for svc, defs in by_service.items()
+    }
+    assert replicas["gateway"] >= 2 and replicas["archive"] >= 2
+    services = compose["services"]
+    assert (
+        "-js" in services["nats"]["command"]
+        or "jetstream" in (ROOT / "deploy" / "nats" / "nats.conf").read_text()
+    )
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+    for name, definition in services.items():
+        for dep, cond in (definition.get("depends_on") or {}).items():
+            assert cond["condition"] == "service_healthy", f"{name} -> {dep}"
+            assert "healthcheck" in services[dep] or dep in ours, f"{dep} has a healthcheck"
+    # The page is served by the proxy on host port 8000, forwarding WebSocket upgrades.
+    proxy = next(d for d in services.values() if "nginx" in d.get("image", ""))
+    assert any(str(p).startswith("8000:") for p in proxy["ports"])
+    nginx = (ROOT / "deploy" / "nginx" / "default.conf").read_text()
+    assert "proxy_set_header Upgrade $http_upgrade" in nginx
+    assert "gateway:" in nginx
+
+
+def test_compose_environment_sets_only_real_settings_and_every_required_one() -> None:
+    compose = compose_with_example_env()
+    for name, (svc, definition) in dc.compose_services(compose).items():
+        env = dc.compose_env(definition)
+        unknown = set(env) - dc.setting_env_names(svc)
+        assert not unknown, f"compose service {name}: not settings of {svc}: {unknown}"
+        missing = dc.required_env_names(svc) - set(env)
+        assert not missing, f"compose service {name}: {missing} not set"
+        settings = dc.build_settings(svc, env)  # production validation passes
+        assert settings.environment == "production"  # type: ignore[attr-defined]
+
+
+def test_compose_stop_grace_outlasts_the_drain() -> None:
+    for name, (svc, definition) in dc.compose_services(compose_with_example_env()).items():
+        settings = dc.build_settings(svc, dc.compose_env(definition))
+        grace = float(definition["stop_grace_period"].rstrip("s"))
+        assert grace > 2 * settings.drain_timeout, name  # type: ignore[attr-defined]
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+
+
+def test_k8s_environment_sets_only_real_settings_and_every_required_one(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    overlay, objs = rendered
+    seen = set()
+    for svc, workload, container in dc.k8s_service_containers(objs):
+        seen.add(svc)
+        env = dc.k8s_container_env(objs, container)
+        where = f"{overlay}: {workload['metadata']['name']}"
+        assert not set(env) - dc.setting_env_names(svc), where
+        assert not dc.required_env_names(svc) - set(env), where
+        dc.build_settings(svc, env)  # production validation passes
+    assert seen == set(dc.SERVICES)
+
+
+def test_prod_replicates_streams_on_a_three_node_nats_cluster() -> None:
+    objs = dc.render_kustomization(ROOT / "k8s" / "overlays" / "prod")
+    nats = dc.find(objs, "StatefulSet", "nats")[0]
+    assert nats["spec"]["replicas"] == 3
+    conf = dc.find(objs, "ConfigMap", "nats-config")[0]["data"]["nats.conf"]
+    for i in range(3):
+        assert f"nats-{i}.nats-headless:6222" in conf
+    for svc, _, container in dc.k8s_service_containers(objs):
+        settings = dc.build_settings(svc, dc.k8s_container_env(objs, container))
+        assert settings.stream_replicas == 3, svc  # type: ignore[attr-defined]
+
+
+def test_dev_runs_a_single_nats_server() -> None:
+    objs = dc.render_kustomization(ROOT / "k8s" / "overlays" / "dev")
+    assert dc.find(objs, "StatefulSet", "nats")[0]["spec"]["replicas"] == 1
+    assert "\ncluster {" not in dc.find(objs, "ConfigMap", "nats-config")[0]["data"]["nats.conf"]
+
+
+def test_service_selectors_match_pod_labels(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    _, objs = rendered
+    workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+    for kind in ("Service", "PodDisruptionBudget"):
+        for obj in dc.find(objs, kind):
+            spec = obj["spec"]
+            selector = spec["selector"] if kind == "Service" else spec["selector"]["matchLabels"]
+            matches = [
+                w
+                for w in workloads
+                if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+            ]
+            assert matches, f"{kind} {obj['metadata']['name']} selects no pods"
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for hpa in dc.find(objs, "HorizontalPodAutoscaler"):
+        assert dc.find(objs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+
+
+def test_ingress_routes_to_the_gateway_with_websocket_timeouts(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    ingress = dc.find(objs, "Ingress", "gateway")[0]
+    notes = ingress["metadata"]["annotations"]
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    gateway_svc = dc.find(objs, "Service", backend["name"])[0]
+    assert backend["port"]["name"] in [p["name"] for p in gateway_svc["spec"]["ports"]]
+    assert {
+        h["spec"]["scaleTargetRef"]["name"] for h in dc.find(objs, "HorizontalPodAutoscaler")
+    } >= {
+        "gateway",
+        "archive",
+    }
+
+
+def _port_number(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+
+
+def test_probes_hit_paths_and_ports_the_services_serve(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    for svc, _, container in dc.k8s_service_containers(objs):
+        settings = dc.build_settings(svc, dc.k8s_container_env(objs, container))
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            get = container[probe]["httpGet"]
+            assert get["path"] in HEALTH_PATHS, (svc, probe)
+            assert _port_number(container, get["port"]) == settings.http_port, (svc, probe)  # type: ignore[attr-defined]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_pods_are_locked_down_with_resources_and_grace_above_the_drain(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    for svc, workload, container in dc.k8s_service_containers(objs):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        sec = container["securityContext"]
+        assert sec["readOnlyRootFilesystem"] is True
+        assert sec["allowPrivilegeEscalation"] is False
+        assert sec["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+        settings = dc.build_settings(svc, dc.k8s_container_env(objs, container))
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {})
+        pre_stop_s = float(pre_stop["command"][-1]) if pre_stop else 0.0
+        # SIGTERM comes after preStop; then in-flight work and the NATS drain each get up
+        # to drain_timeout.
+        needed = pre_stop_s + 2 * settings.drain_timeout  # type: ignore[attr-defined]
+        assert pod["terminationGracePeriodSeconds"] > needed, svc
+    for name in ("gateway", "presence", "archive", "nats"):
+        assert dc.find(objs, "PodDisruptionBudget", name), name
+
+
+# --- NATS config -------------------------------------------------------------------------
+
+
+def test_nats_accounts_config_is_generated_from_the_subject_names() -> None:
+    expected = dc.render_accounts_conf()
+    for path in (ROOT / "deploy/nats/accounts.conf", ROOT / "k8s/base/nats/accounts.conf"):
+        assert path.read_text() == expected, (
+            f"{path} is stale: python -m devtools.deploy_checks accounts > {path}"
+        )
+
+
+def nats_password_env() -> dict[str, str]:
+    users = [*dc.nats_permissions(), dc.NATS_ADMIN_USER, dc.NATS_SYSTEM_USER]
+    return {dc.password_env(u): f"test-{u}" for u in users}
+
+
+@pytest.mark.parametrize(
+    "conf",
+    ["deploy/nats/nats.conf", "k8s/base/nats/nats.conf", "k8s/overlays/prod/nats.conf"],
+)
+def test_every_nats_config_parses_with_passwords_from_the_environment(
+    conf: str, tmp_path: Path
+) -> None:
+    from devtools.servers import nats_server_binary
+
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "nats.conf").write_text((ROOT / conf).read_text())
+    (folder / "accounts.conf").write_text((ROOT / "deploy/nats/accounts.conf").read_text())
+    env = {**os.environ, **nats_password_env(), "POD_NAME": "nats-0"}
+    done = subprocess.run(
+        [nats_server_binary(), "-c", str(folder / "nats.conf"), "-t"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Without a password in the environment the server refuses to start.
+    env.pop(dc.password_env("gateway"))
+    done = subprocess.run(
+        [nats_server_binary(), "-c", str(folder / "nats.conf"), "-t"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
