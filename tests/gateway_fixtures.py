@@ -20,6 +20,7 @@ import contextlib
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -119,6 +120,19 @@ def guest_token(gw: GatewayProc, name: str) -> str:
         return str(orjson.loads(resp.read())["token"])
 
 
+def http_json(gw: GatewayProc, path: str, body: Any = None) -> tuple[int, Any]:
+    """(status, decoded JSON body) of a GET (or a POST when body is given); blocking."""
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(
+        f"{gw.http_url}{path}", data=data, method="POST" if data else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status), orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), orjson.loads(exc.read() or b"null")
+
+
 Frame = dict[str, Any]
 
 
@@ -146,7 +160,11 @@ class ChatClient:
     ) -> ChatClient:
         """Connect, say hello with a guest token (unless given one), wait for welcome."""
         client = await cls.open(gw, user, origin=origin, **ws_options)
-        hello: Frame = {"type": "hello", "v": 1, "token": token or guest_token(gw, user)}
+        hello: Frame = {
+            "type": "hello",
+            "v": 1,
+            "token": token or await asyncio.to_thread(guest_token, gw, user),
+        }
         if rooms is not None:
             hello["rooms"] = rooms
         if resume_seq is not None:
@@ -259,8 +277,8 @@ class StalledClient:
         while b"\r\n\r\n" not in response:
             response += sock.recv(1)  # byte by byte: leave any frame after it unread
         assert b" 101 " in response.split(b"\r\n", 1)[0], response
-        hello = {"type": "hello", "v": 1, "token": guest_token(self.gw, self.user)}
-        hello["rooms"] = self.rooms
+        token = guest_token(self.gw, self.user)
+        hello = {"type": "hello", "v": 1, "token": token, "rooms": self.rooms}
         sock.sendall(_masked_text_frame(orjson.dumps(hello)))
         self.sock = sock
         return self

@@ -71,7 +71,7 @@ async def test_send_stores_in_chat_and_prints_id_and_seq(js: JetStreamContext, u
     [ack] = result.lines()
     stored = await js.get_msg(names.STREAM_CHAT, ack["seq"])
     assert stored.subject == names.room_subject("ops")
-    message = codec.decode_as(pb.ChatMessage, stored.data, stored.headers)
+    message = codec.decode_as(pb.ChatMessage, stored.data or b"", stored.headers)
     assert (message.id, message.room, message.sender, message.content) == (
         ack["id"],
         "ops",
@@ -86,7 +86,7 @@ async def test_send_dm_lands_on_the_sorted_pair_subject(js: JetStreamContext, ur
     assert result.code == 0, result.err
     stored = await js.get_msg(names.STREAM_CHAT, result.lines()[0]["seq"])
     assert stored.subject == names.dm_subject("alice", "zed") == "chat.dm.alice.zed"
-    assert codec.decode_as(pb.ChatMessage, stored.data, stored.headers).dm_peer == "alice"
+    assert codec.decode_as(pb.ChatMessage, stored.data or b"", stored.headers).dm_peer == "alice"
 
 
 async def test_send_retry_with_the_same_client_id_is_not_stored_twice(

@@ -27,3 +27,13 @@ def test_a_header_naming_another_type_than_expected_is_refused() -> None:
     data, headers = codec.encode(pb.UserOnline(user="alice"))
     with pytest.raises(codec.DecodeError, match="expected chat.v1.ChatMessage"):
         codec.decode_as(pb.ChatMessage, data, headers)
+
+
+def test_garbage_that_the_parser_would_keep_as_unknown_fields_is_refused() -> None:
+    with pytest.raises(codec.DecodeError, match="corrupt"):
+        codec.decode(b"\xff\xfe garbage", {"Chat-Type": "chat.v1.ArchiveTask"})
+
+
+def test_fields_from_a_newer_producer_are_kept_not_refused() -> None:
+    newer = bytes(pb.ChatMessage(id="ab", ts_ms=5)) + b"\x40\x01"  # field 8, varint 1
+    assert codec.decode_as(pb.ChatMessage, newer).id == "ab"

@@ -3,11 +3,10 @@ arbitrary type headers) give a message or a DecodeError, never another exception
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 TYPE_NAMES = sorted(codec.TYPES)
 headers_strategy = st.one_of(

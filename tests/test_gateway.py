@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from chatlib import codec, ids, names
+from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 
-from chatlib import names
 from tests.gateway_fixtures import ChatClient, GatewayProc, clients, gateways, start_gateways
 
 __all__ = ["gateways"]
@@ -212,3 +214,39 @@ async def test_history_and_presence_being_down_are_reported_not_fatal(
         assert err["ref"] == "history"
         await alice.send({"type": "ping"})
         await alice.expect(type="pong")
+
+
+async def test_messages_a_gateway_missed_live_are_refilled_from_the_log_in_order(
+    gateways: list[GatewayProc], nc: NATS
+) -> None:
+    """As after a NATS reconnect: stored messages whose live copy never reached the gateway
+    are read from the CHAT stream and delivered before the next live one."""
+    a, _ = gateways
+    js = nc.jetstream()
+    async with clients(ChatClient.connect(a, "alice"), ChatClient.connect(a, "bob")) as (
+        alice,
+        bob,
+    ):
+        await alice.send_room("lobby", "first")
+        await bob.expect(type="message", content="first")
+        # Store two messages without their live copies (republish switched off).
+        config = (await js.stream_info(names.STREAM_CHAT)).config
+        republish = config.republish
+        config.republish = None
+        await js.update_stream(config)
+        for text in ("missed 1", "missed 2"):
+            msg = pb.ChatMessage(
+                id=ids.new_id(),
+                room="lobby",
+                sender="carol",
+                content=text,
+                ts_ms=int(time.time() * 1000),
+            )
+            payload, headers = codec.encode(msg)
+            await js.publish(names.room_subject("lobby"), payload, headers=headers)
+        config.republish = republish
+        await js.update_stream(config)
+        await alice.send_room("lobby", "next")
+        await bob.expect(type="message", content="next")
+        assert [m["content"] for m in bob.messages()] == ["first", "missed 1", "missed 2", "next"]
+        assert a.metric("gateway_live_gap_refills_total") == 1

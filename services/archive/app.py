@@ -10,9 +10,12 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import nats.micro
+import orjson
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service as MicroService
@@ -42,6 +45,7 @@ class ArchiveService:
         self.stopping = False
         self._main: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._advisories: Subscription | None = None
 
     # --- lifecycle (chatlib.lifecycle.Service) ----------------------------------------
 
@@ -62,6 +66,10 @@ class ArchiveService:
         await self.micro.add_endpoint(name="dm", subject=names.HISTORY_DM, handler=self._history_dm)
         # Connecting to Postgres may take a while (it may be down): do it in the background
         # so a SIGTERM meanwhile is still handled promptly.
+        # One replica (queue group) handles each max-deliveries advisory.
+        self._advisories = await nc.subscribe(
+            names.ADVISORY_ARCHIVE_MAX_DELIVERIES, queue=names.QUEUE_ARCHIVE, cb=self._exhausted
+        )
         self._main = asyncio.create_task(self._consume(), name="archive-consume")
         self._monitor = asyncio.create_task(self._watch(), name="archive-monitor")
 
@@ -75,6 +83,8 @@ class ArchiveService:
             self.worker.stop()
         if self.micro:
             await self.micro.stop()
+        if self._advisories:
+            await self._advisories.unsubscribe()
         if self._monitor:
             self._monitor.cancel()
 
@@ -158,6 +168,19 @@ class ArchiveService:
                 log.warning("cannot bind consumer (%s); retrying in %.2fs", exc, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
+
+    async def _exhausted(self, msg: Msg) -> None:
+        try:
+            stream_seq = int(orjson.loads(msg.data)["stream_seq"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable max-deliveries advisory: %r", msg.data[:200])
+            return
+        if self.worker is None:
+            return  # not consuming yet; JetStream keeps the task, an operator can see it
+        try:
+            await self.worker.park_exhausted(stream_seq)
+        except Exception as exc:
+            log.warning("could not park exhausted task %d: %s", stream_seq, exc)
 
     def _set_db_state(self, up: bool) -> None:
         if up != self.db_up:

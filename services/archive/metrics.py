@@ -19,7 +19,7 @@ REDELIVERIES = Counter(
     "archive_redeliveries_total", "Tasks received that had been delivered before"
 )
 DEAD_LETTERED = Counter(
-    "archive_dead_lettered_total", "Tasks parked on the dead-letter subject", ["reason"]
+    "archive_dead_lettered_total", "Tasks parked on the dead-letter subject", ["cause"]
 )
 DB_ERRORS = Counter(
     "archive_db_unavailable_total", "Batch writes that failed because Postgres was unreachable"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import asyncpg
 import nats.errors
+import nats.js.errors
 from chatlib import names
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -155,6 +156,27 @@ class ArchiveWorker:
         metrics.DEAD_LETTERED.labels(cause).inc()
         # Ack, not term: on a WorkQueue stream an ack is what removes the message.
         await self.ack(msg)
+
+    async def park_exhausted(self, stream_seq: int) -> None:
+        """A task JetStream stopped delivering (max_deliver reached without an ack, e.g. a
+        replica crashed on it again and again): park it and remove it from the queue,
+        rather than leave it stuck there unseen."""
+        try:
+            stored = await self.js.get_msg(names.STREAM_ARCHIVE, stream_seq)
+        except nats.js.errors.NotFoundError:
+            return  # acked after all, or already parked by another replica
+        headers = {k: v for k, v in (stored.headers or {}).items() if not k.startswith("Nats-")}
+        reason = f"delivered {self.settings.max_deliver} times and never acked"
+        headers[names.HEADER_DEAD_REASON] = reason
+        headers[names.HEADER_DEAD_SUBJECT] = stored.subject or ""
+        headers[names.HEADER_MSG_ID] = f"archive-{stream_seq}"
+        await self.js.publish(names.DEAD_LETTER_ARCHIVE, stored.data or b"", headers=headers)
+        try:
+            await self.js.delete_msg(names.STREAM_ARCHIVE, stream_seq)
+        except nats.js.errors.NotFoundError:
+            pass
+        log.warning("dead-lettered task", extra={"seq": stream_seq, "reason": reason})
+        metrics.DEAD_LETTERED.labels("retries_exhausted").inc()
 
     async def ack(self, msg: Msg) -> None:
         try:

@@ -51,9 +51,49 @@ def decode_as(cls: type[M], data: bytes, headers: dict[str, str] | None = None) 
     # comes back as unknown fields). Unknown fields are kept and re-encoded, and every
     # protobuf encoder writes fields in order, so a real message re-encodes to its own
     # bytes; anything else is corrupt.
-    if bytes(message) != data:
+    if bytes(message) != data or (message._unknown_fields and not _well_formed(data)):
         raise DecodeError(f"corrupt or truncated {_full_name(cls)} payload")
     return message
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("bad varint")
+
+
+def _well_formed(data: bytes) -> bool:
+    """True when `data` is a sequence of valid protobuf fields. Garbage that betterproto2
+    kept as 'unknown fields' fails here (bad wire types, field 0, overlong lengths)."""
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            field, wire = key >> 3, key & 7
+            if field == 0:
+                return False
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                pos += length
+            elif wire == 5:
+                pos += 4
+            else:  # groups (3, 4) are not used by proto3; 6 and 7 do not exist
+                return False
+            if pos > len(data):
+                return False
+    except ValueError:
+        return False
+    return True
 
 
 def decode(data: bytes, headers: dict[str, str] | None) -> betterproto2.Message:

@@ -138,6 +138,14 @@ def typing_dm_subjects_of(user: str) -> list[str]:
     """The two wildcards that cover every DM typing indicator a user takes part in."""
     return [f"typing.dm.{user}.*", f"typing.dm.*.{user}"]
 
+
 # --- Added by the archive ------------------------------------------------------------
 # The subject a dead-lettered task was originally on (the reason is HEADER_DEAD_REASON).
 HEADER_DEAD_SUBJECT = "Chat-Dead-Subject"
+# JetStream's advisory when a task was delivered max_deliver times and never acked (a
+# replica crash loop): the archive parks such tasks on the dead letters instead of
+# leaving them stuck in the work queue.
+ADVISORY_ARCHIVE_MAX_DELIVERIES = (
+    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_ARCHIVE}.{CONSUMER_ARCHIVE}"
+)
+QUEUE_ARCHIVE = "archive"

@@ -58,7 +58,7 @@ class Gateway:
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
         self.nc, self.js = nc, js
-        self.hub = Hub(nc)
+        self.hub = Hub(nc, js)
         await self.hub.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
@@ -153,7 +153,9 @@ class Gateway:
         deps = self.deps()
         rooms, problems = _hello_rooms(hello)
         resume = hello.get("resume_seq")
-        if resume is not None and (not isinstance(resume, int) or resume < 0):
+        if resume is not None and (
+            not isinstance(resume, int) or isinstance(resume, bool) or resume < 0
+        ):
             problems.append(FrameError("bad_frame", "resume_seq must be an integer >= 0"))
             resume = None
         # Live subscriptions first (buffered in the session), then the snapshot: every
@@ -172,7 +174,8 @@ class Gateway:
                     "v": frames.VERSION,
                     "user": session.user,
                     "rooms": sorted(session.rooms),
-                    "online": online or [],
+                    # Our own connection is reported just after this, so add ourselves.
+                    "online": sorted({*online, session.user}) if online is not None else [],
                     "seq": snapshot or 0,
                 }
             )
@@ -191,6 +194,8 @@ class Gateway:
             raw = await _receive_frame(receive)
             if raw is None:
                 return
+            if session.closing:
+                continue  # being closed (slow, abusive, shutdown): act on nothing more
             close_code = await handlers.handle_raw(raw, session, deps)
             if close_code is not None:
                 metrics.ABUSE_DISCONNECTS.inc()

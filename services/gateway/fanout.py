@@ -4,6 +4,11 @@ A gateway subscribes (core NATS) only to what its users need: live.chat.room.<ro
 typing.room.<room> while the room has a local member, and each local user's DM wildcards
 while the user has a local session. Subscriptions are reference-counted. Each message is
 decoded once and rendered once (frames.MessageFrames); sockets get the same text.
+
+Gaps: each live message carries Nats-Last-Sequence, the previous seq on its subject. If
+that is above the last seq this subscription delivered on the subject (messages went by
+while our NATS connection was down), the missing ones are read from the CHAT stream and
+delivered first, so members still see the room's order with nothing missing.
 """
 
 from __future__ import annotations
@@ -12,23 +17,24 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 
-from gateway import frames, metrics
+from gateway import frames, metrics, recovery
 from gateway.session import Session
 
 log = logging.getLogger(__name__)
 
 
 class Hub:
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
+    def __init__(self, nc: NATS, js: JetStreamContext) -> None:
+        self.nc, self.js = nc, js
         self.sessions: set[Session] = set()
         self.room_members: dict[str, set[Session]] = {}
         self.user_sessions: dict[str, set[Session]] = {}
@@ -38,6 +44,8 @@ class Hub:
         self._lock = asyncio.Lock()
         # A DM between two local users arrives once per user subscription: render it once.
         self._recent: OrderedDict[int, frames.MessageFrames] = OrderedDict()
+        # (subscription owner, chat subject) -> last seq delivered, for gap detection.
+        self._delivered: dict[tuple[str, str], int] = {}
 
     async def start(self) -> None:
         self._presence_sub = await self.nc.subscribe(
@@ -65,6 +73,7 @@ class Hub:
                 users.discard(session)
                 if not users:
                     del self.user_sessions[session.user]
+                    self._forget(f"user:{session.user}")
                     for sub in self._user_subs.pop(session.user, []):
                         await _unsubscribe(sub)
 
@@ -85,12 +94,13 @@ class Hub:
             members.discard(session)
             if not members:
                 del self.room_members[room]
+                self._forget(f"room:{room}")
                 for sub in self._room_subs.pop(room, []):
                     await _unsubscribe(sub)
 
     async def _subscribe_room(self, room: str) -> list[Subscription]:
         async def on_live(msg: Msg) -> None:
-            self._on_chat(msg, self.room_members.get(room, ()))
+            await self._on_chat(msg, f"room:{room}", lambda: self.room_members.get(room, ()))
 
         async def on_typing(msg: Msg) -> None:
             self._on_typing(msg, self.room_members.get(room, ()))
@@ -103,7 +113,7 @@ class Hub:
 
     async def _subscribe_user(self, user: str) -> list[Subscription]:
         async def on_live(msg: Msg) -> None:
-            self._on_chat(msg, self.user_sessions.get(user, ()))
+            await self._on_chat(msg, f"user:{user}", lambda: self.user_sessions.get(user, ()))
 
         async def on_typing(msg: Msg) -> None:
             self._on_typing(msg, self.user_sessions.get(user, ()))
@@ -118,14 +128,43 @@ class Hub:
         return subs
 
     # --- incoming -----------------------------------------------------------------------
-    def _on_chat(self, msg: Msg, targets: Iterable[Session]) -> None:
+    async def _on_chat(
+        self, msg: Msg, owner: str, targets: Callable[[], Iterable[Session]]
+    ) -> None:
         headers = msg.headers or {}
         try:
             seq = int(headers.get(names.HEADER_SEQUENCE, "0"))
+            previous = int(headers.get(names.HEADER_LAST_SEQUENCE, "0"))
             chat = codec.decode_as(pb.ChatMessage, msg.data, headers)
         except (ValueError, codec.DecodeError) as exc:
             log.warning("undecodable live message on %s: %s", msg.subject, exc)
             return
+        subject = msg.subject.removeprefix(names.LIVE_PREFIX + ".")
+        key = (owner, subject)
+        delivered = self._delivered.get(key)
+        if delivered is not None:
+            if seq <= delivered:
+                return  # already delivered (refilled earlier)
+            if previous > delivered:
+                await self._refill(subject, delivered, previous, targets)
+        self._delivered[key] = seq
+        self._fan_out(seq, chat, targets())
+        metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - chat.ts_ms / 1000))
+
+    async def _refill(
+        self, subject: str, after: int, upto: int, targets: Callable[[], Iterable[Session]]
+    ) -> None:
+        log.warning("live gap on %s: refilling %d..%d from the log", subject, after + 1, upto)
+        metrics.GAP_REFILLS.inc()
+        try:
+            missed = await recovery.read_range(self.js, [subject], after + 1, upto)
+        except Exception as exc:  # clients still recover on their next reconnect
+            log.error("gap refill on %s failed: %s", subject, exc)
+            return
+        for seq in sorted(missed):
+            self._fan_out(seq, missed[seq], targets())
+
+    def _fan_out(self, seq: int, chat: pb.ChatMessage, targets: Iterable[Session]) -> None:
         rendered = self._recent.get(seq)
         if rendered is None:
             rendered = frames.MessageFrames(chat, seq)
@@ -134,7 +173,10 @@ class Hub:
                 self._recent.popitem(last=False)
         for session in list(targets):
             session.deliver_live(seq, rendered.for_user(session.user))
-        metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - chat.ts_ms / 1000))
+
+    def _forget(self, owner: str) -> None:
+        for key in [k for k in self._delivered if k[0] == owner]:
+            del self._delivered[key]
 
     def _on_typing(self, msg: Msg, targets: Iterable[Session]) -> None:
         try:

@@ -24,8 +24,9 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_UNAUTHORIZED = 4401
 
 CLIENT_TYPES = {"hello", "join", "leave", "send", "dm", "history", "typing", "ping"}
-# Frame types that cost a rate-limit token: the ones that make others do work.
-RATE_LIMITED_TYPES = {"send", "dm", "typing", "history"}
+# Frame types that cost a rate-limit token: the ones that make others (NATS, the archive,
+# other clients) do work. join/leave too: each can (un)subscribe on NATS.
+RATE_LIMITED_TYPES = {"send", "dm", "typing", "history", "join", "leave"}
 
 
 class FrameError(Exception):

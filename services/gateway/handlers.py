@@ -13,6 +13,7 @@ from chatlib import codec, ids, names
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.micro.request import ERROR_CODE_HEADER
 
 from gateway import frames, metrics
 from gateway.fanout import Hub
@@ -23,7 +24,6 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT_MAX = 200
-SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 
 
 @dataclass
@@ -181,7 +181,7 @@ async def handle_history(frame: dict[str, Any], session: Session, deps: Deps) ->
     except Exception as exc:  # timeout, no responders, NATS down
         log.info("history request failed: %s", exc)
         raise unavailable from exc
-    code = (reply.headers or {}).get(SERVICE_ERROR_CODE)
+    code = (reply.headers or {}).get(ERROR_CODE_HEADER)
     if code == "403":
         raise FrameError("forbidden", "you are not a participant of that thread", "history")
     if code == "400":

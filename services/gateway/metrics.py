@@ -22,3 +22,6 @@ SEND_FAILURES = Counter(
 ABUSE_DISCONNECTS = Counter("gateway_abuse_disconnects_total", "Sockets closed with 1008")
 ERRORS = Counter("gateway_error_frames_total", "Error frames sent to clients", ["code"])
 REPLAYED = Counter("gateway_recovery_replayed_total", "Messages replayed on reconnect recovery")
+GAP_REFILLS = Counter(
+    "gateway_live_gap_refills_total", "Live gaps (after a NATS reconnect) refilled from the log"
+)

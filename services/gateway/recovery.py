@@ -45,16 +45,17 @@ async def replay(
     complete = after_seq + 1 >= info.state.first_seq
     found: dict[int, pb.ChatMessage] = {}
     for subjects in filter_groups(user, rooms):
-        found.update(await _read(js, subjects, after_seq + 1, upto_seq))
+        found.update(await read_range(js, subjects, after_seq + 1, upto_seq))
     seqs = sorted(found)
     if len(seqs) > limit:
         seqs, complete = seqs[-limit:], False
     return Replay([(s, found[s]) for s in seqs], complete)
 
 
-async def _read(
+async def read_range(
     js: JetStreamContext, subjects: list[str], start: int, upto: int
 ) -> dict[int, pb.ChatMessage]:
+    """Messages on `subjects` (non-overlapping filters) with start <= seq <= upto."""
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=start,

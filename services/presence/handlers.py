@@ -15,18 +15,16 @@ from dataclasses import dataclass
 
 from chatlib.proto.chat import v1 as pb
 from chatlib.validate import is_valid_name
+
 from presence import metrics
 from presence.mirror import Mirror
-from presence.state import UserState, gateway_key, is_valid_id, user_key
-from presence.store import Store, now_ms
+from presence.state import gateway_key, is_valid_id, user_key
+from presence.store import PENDING_GRACE_MS, Store, now_ms
 
 log = logging.getLogger(__name__)
 
 # Writes one heartbeat or sweep may have in flight at once.
 CONCURRENCY = 32
-# A pending event older than this was left by a writer that died (or failed to publish):
-# the sweeper publishes it. Younger ones are most likely being published right now.
-PENDING_GRACE_MS = 1000
 # How long a gateway key outlives its gateway's last connection before it is deleted.
 GATEWAY_KEY_TTL_MS = 60_000
 
@@ -99,9 +97,7 @@ async def handle_heartbeat(message: pb.Heartbeat, store: Store, mirror: Mirror) 
         return store.mutate(listed[cid], lambda s: s.open(cid, gateway, message.ts_ms, now_ms()))
 
     def drop(cid: str, user: str) -> Awaitable[bool]:
-        return store.mutate(
-            user, lambda s: s.drop_unlisted(cid, gateway, message.ts_ms, now_ms())
-        )
+        return store.mutate(user, lambda s: s.drop_unlisted(cid, gateway, message.ts_ms, now_ms()))
 
     missing = [cid for cid, user in listed.items() if not mirror.has_conn_or_tombstone(user, cid)]
     unlisted = [(cid, user) for cid, user in mirror.conns_of(gateway).items() if cid not in listed]
@@ -167,9 +163,3 @@ def who_page(request: pb.WhoRequest, mirror: Mirror, page_max: int) -> pb.WhoPag
     limit = min(request.limit or page_max, page_max)
     users, next_after, total = mirror.page(request.after, limit)
     return pb.WhoPage(users=users, next_after=next_after, total=total)
-
-
-def user_state_summary(state: UserState) -> str:
-    """One line for logs: how many connections on which gateways."""
-    gateways = sorted({c.gateway for c in state.conns.values()})
-    return f"{len(state.conns)} connection(s) on {', '.join(gateways) or 'none'}"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from chatlib.settings import CommonSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
-
-from chatlib.settings import CommonSettings
 
 
 class PresenceSettings(CommonSettings):

@@ -14,16 +14,22 @@ made it: exactly one event per transition, never none.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 
-from nats.js import JetStreamContext
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
-
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
+from nats.js import JetStreamContext
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
+
 from presence import metrics
 from presence.mirror import Mirror
 from presence.state import GatewayState, PendingEvent, UserState, gateway_key, user_key
@@ -34,6 +40,15 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 50
 
 Change = Callable[[UserState], bool]
+
+
+# A pending event older than this was left by a writer that died or failed to publish:
+# any replica publishes it. Younger ones are most likely being published right now.
+PENDING_GRACE_MS = 1000
+
+
+def event_subject(user: str, event: PendingEvent) -> str:
+    return names.online_subject(user) if event.kind == "online" else names.offline_subject(user)
 
 
 def now_ms() -> int:
@@ -76,7 +91,7 @@ class Store:
             if not changed:
                 return False
             state.prune(now)
-            state.note_transition(was_online, now)
+            created = state.note_transition(was_online, now)
             try:
                 new_revision = await self.kv.update(user_key(user), state.encode(), last=revision)
             except KeyWrongLastSequenceError:
@@ -85,25 +100,30 @@ class Store:
                 fresh = True
                 continue
             self.mirror.apply(user_key(user), state.encode(), new_revision)
-            if state.pending:
-                await self.flush(user, state, new_revision)
+            if created is not None:
+                await self.flush(user, state, new_revision, mine={created.event_id})
             return True
         log.error("gave up changing presence of %s after %d conflicts", user, MAX_ATTEMPTS)
         return False
 
-    async def flush(self, user: str, state: UserState | None = None, revision: int = 0) -> None:
-        """Publish the user's pending events (in order), then remove them from the value."""
+    async def flush(
+        self,
+        user: str,
+        state: UserState | None = None,
+        revision: int = 0,
+        mine: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
+        """Publish the user's pending events in order, then remove them from the value."""
         if state is None:
             state, revision = await self.read_user(user)
-        published: set[str] = set()
+        done: set[str] = set()
         for _ in range(MAX_ATTEMPTS):
-            for event in state.pending:
-                if event.event_id not in published:
-                    await self.publish_event(user, event)
-                    published.add(event.event_id)
+            todo = [e for e in state.pending if e.event_id not in done]
+            await self.publish_in_order(user, todo, mine)
+            done.update(e.event_id for e in todo)
             if not state.pending:
                 return
-            state.pending = [e for e in state.pending if e.event_id not in published]
+            state.pending = [e for e in state.pending if e.event_id not in done]
             try:
                 new_revision = await self.kv.update(user_key(user), state.encode(), last=revision)
             except KeyWrongLastSequenceError:
@@ -115,17 +135,65 @@ class Store:
             self.mirror.apply(user_key(user), state.encode(), new_revision)
             return
 
+    async def publish_in_order(
+        self, user: str, events: list[PendingEvent], mine: frozenset[str] | set[str]
+    ) -> None:
+        """Events we created are published at once. An older one belongs to another
+        writer, which is probably publishing it right now: we wait for it to reach the
+        stream (keeping the order) and publish it ourselves only once it is older than
+        PENDING_GRACE_MS (its writer is likely dead). Core subscribers, which the stream's
+        deduplication does not cover, so see each event once."""
+        i = 0
+        while i < len(events):
+            event = events[i]
+            if event.event_id in mine:
+                await self.publish_event(user, event)
+                i += 1
+                continue
+            # Every writer publishes a user's events in order, so the latest pending
+            # event found in the stream means all before it are there too.
+            reached = await self.last_published_index(user, events)
+            if reached >= i:
+                i = reached + 1
+            elif now_ms() - event.ts_ms > PENDING_GRACE_MS:
+                log.warning("DEBUG grace publish %s events=%s i=%d mine=%s kv=%s", user,
+                            [(e.kind, e.event_id[:6], e.ts_ms) for e in events], i, [m[:6] for m in mine],
+                            [(e.kind, e.event_id[:6]) for e in (await self.read_user(user))[0].pending])
+                await self.publish_event(user, event)
+                i += 1
+            else:
+                await asyncio.sleep(0.02)
+
+    async def last_published_index(self, user: str, events: list[PendingEvent]) -> int:
+        """Index of the latest of `events` that is the last message on its subject, or -1."""
+        last_ids: set[str] = set()
+        for subject in (names.online_subject(user), names.offline_subject(user)):
+            try:
+                last = await self.js.get_last_msg(names.STREAM_PRESENCE, subject)
+            except NotFoundError:
+                continue
+            if last.headers and names.HEADER_MSG_ID in last.headers:
+                last_ids.add(last.headers[names.HEADER_MSG_ID])
+        found = [i for i, event in enumerate(events) if event.event_id in last_ids]
+        return max(found, default=-1)
+
     async def publish_event(self, user: str, event: PendingEvent) -> None:
         message: pb.UserOnline | pb.UserOffline
         if event.kind == "online":
-            message, subject = pb.UserOnline(user=user, ts_ms=event.ts_ms), names.online_subject(user)
+            message, subject = (
+                pb.UserOnline(user=user, ts_ms=event.ts_ms),
+                names.online_subject(user),
+            )
         else:
             message = pb.UserOffline(user=user, ts_ms=event.ts_ms)
             subject = names.offline_subject(user)
         payload, headers = codec.encode(message)
         headers[names.HEADER_MSG_ID] = event.event_id
         ack = await self.js.publish(subject, payload, headers=headers)
-        if not ack.duplicate:
+        if ack.duplicate:
+            log.info("user %s %s published again (a duplicate)", user, event.kind,
+                     extra={"event_id": event.event_id, "stack": "".join(__import__("traceback").format_stack(limit=6))})
+        else:
             metrics.EVENTS.labels(kind=event.kind).inc()
             log.info("user %s %s", user, event.kind, extra={"event_id": event.event_id})
 

@@ -48,16 +48,21 @@ def _parse_url(url: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     _register_optional()
     parser = argparse.ArgumentParser(prog="python -m devtools.bench", description=__doc__)
-    parser.add_argument("--only", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
+    parser.add_argument(
+        "--only", action="append", choices=list(SCENARIOS), help="run only these (repeatable)"
+    )
     parser.add_argument("--scale", choices=["small", "full"], default="full")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--workers", type=int, default=2, help="load-generator processes")
     parser.add_argument(
-        "--gateway-url", action="append", default=[],
+        "--gateway-url",
+        action="append",
+        default=[],
         help="drive a deployed gateway (repeat for A and B), e.g. ws://gw-a:8000; plain ws only",
     )
     parser.add_argument(
-        "--guest-secret", default=os.environ.get("BENCH_GUEST_SECRET", BENCH_SECRET),
+        "--guest-secret",
+        default=os.environ.get("BENCH_GUEST_SECRET", BENCH_SECRET),
         help="HS256 secret to mint guest tokens (the gateway's GATEWAY_GUEST_SECRET)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data and logs")

@@ -2,7 +2,8 @@
 
 Same server stack as the gateway (uvicorn, the websockets-sansio protocol, a raw ASGI
 app), speaking just enough of the chat protocol for the same load generator: `hello` gets
-a `welcome`, `send` is broadcast as a `message` frame to every socket in the room (rendered once) and
+a `welcome`, `send` is broadcast as a `message` frame to every socket in the room
+(rendered once) and
 acked to its sender. It is the ceiling of this stack on this machine.
 
 Run: python -m devtools.bench.baseline PORT

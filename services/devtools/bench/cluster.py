@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import jwt
@@ -92,7 +91,9 @@ class Cluster:
         return self.database_url
 
     # --- services ---------------------------------------------------------------------
-    def _start(self, module: str, env: dict[str, str], port: int, wait: bool = True) -> tuple[ServiceProcess, Proc]:
+    def _start(
+        self, module: str, env: dict[str, str], port: int, wait: bool = True
+    ) -> tuple[ServiceProcess, Proc]:
         if not service_exists(module):
             raise Missing(f"services/{module} has no __main__ yet")
         self._count += 1
@@ -102,7 +103,9 @@ class Cluster:
         self.services.append(entry)
         return entry
 
-    def gateway(self, instance: str, extra: dict[str, str] | None = None) -> tuple[ServiceProcess, Proc]:
+    def gateway(
+        self, instance: str, extra: dict[str, str] | None = None
+    ) -> tuple[ServiceProcess, Proc]:
         port = free_port()
         env = {
             "GATEWAY_NATS_SERVERS": self.start_nats(),
@@ -204,6 +207,3 @@ def nats_proc(cluster: Cluster) -> Proc | None:
     if cluster.nats is None or cluster.nats.proc is None:
         return None
     return Proc("nats-server", cluster.nats.proc.pid, cluster.nats.port)
-
-
-Any_ = Any

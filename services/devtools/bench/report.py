@@ -54,7 +54,14 @@ def table(runs: list[Run]) -> str:
                 ratio = f.value / f.baseline
             verdict = "" if f.passed is None else ("pass" if f.passed else "MISS")
             rows.append(
-                (f.name, f"{_fmt(f.value)} {f.unit}", _fmt(f.baseline), _fmt(ratio), f.target, verdict)
+                (
+                    f.name,
+                    f"{_fmt(f.value)} {f.unit}",
+                    _fmt(f.baseline),
+                    _fmt(ratio),
+                    f.target,
+                    verdict,
+                )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -68,7 +75,9 @@ def markdown(runs: list[Run]) -> str:
         if run.error:
             out.append(f"| {run.scenario} | - | - | - | - | skipped: {run.error} |")
         for f in run.figures:
-            ratio = f.ratio if f.ratio is not None else (f.value / f.baseline if f.baseline else None)
+            ratio = (
+                f.ratio if f.ratio is not None else (f.value / f.baseline if f.baseline else None)
+            )
             verdict = "" if f.passed is None else ("pass" if f.passed else "**miss**")
             out.append(
                 f"| {f.name} | {_fmt(f.value)} {f.unit} | {_fmt(f.baseline)} | {_fmt(ratio)} | "
@@ -82,7 +91,7 @@ def _slim(details: Any) -> Any:
     if isinstance(details, dict):
         return {k: _slim(v) for k, v in details.items() if k != "latencies_ms"}
     if isinstance(details, list) and len(details) > 400:
-        return details[:400] + ["..."]
+        return [*details[:400], "..."]
     return details
 
 
@@ -119,7 +128,13 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
             values = d[key]["latencies_ms"]
             if not values:
                 continue
-            hist.hist(values, bins=100, alpha=0.6, label=label, range=(0, max(1.0, percentile(values, 99.9))))
+            hist.hist(
+                values,
+                bins=100,
+                alpha=0.6,
+                label=label,
+                range=(0, max(1.0, percentile(values, 99.9))),
+            )
             n = len(values)
             cdf.plot(values, [(i + 1) / n for i in range(n)], label=label)
         hist.set_xlabel("latency (ms)")

@@ -64,14 +64,18 @@ def _system_procs(cluster: Cluster) -> list[Proc]:
 
 def _gateways(ctx: Ctx, cluster: Cluster, count: int, presence: bool = True) -> list[Target]:
     if ctx.gateway_urls:
-        return ctx.gateway_urls[:count] if len(ctx.gateway_urls) >= count else ctx.gateway_urls * count
+        return (
+            ctx.gateway_urls[:count] if len(ctx.gateway_urls) >= count else ctx.gateway_urls * count
+        )
     if presence and service_exists("presence"):
         cluster.presence()
     return [("127.0.0.1", cluster.gateway(f"bench-gw-{i + 1}")[1].port) for i in range(count)]
 
 
 # --- 1. fan-out ------------------------------------------------------------------------
-def _fanout_once(ctx: Ctx, cluster: Cluster, targets: list[Target], clients: int, copies: int, tag: str) -> dict[str, Any]:
+def _fanout_once(
+    ctx: Ctx, cluster: Cluster, targets: list[Target], clients: int, copies: int, tag: str
+) -> dict[str, Any]:
     duration = ctx.scaled(15, 4)
     room = "fan"
     senders = [
@@ -79,10 +83,17 @@ def _fanout_once(ctx: Ctx, cluster: Cluster, targets: list[Target], clients: int
         for i, (h, p) in enumerate(targets)
     ]
     receivers = [
-        Conn(*targets[i % len(targets)], ctx.token_fn(f"{tag}-u{i}"), [room]) for i in range(clients)
+        Conn(*targets[i % len(targets)], ctx.token_fn(f"{tag}-u{i}"), [room])
+        for i in range(clients)
     ]
     receiver_workers = list(range(1, ctx.workers + 1))
-    params = {"duration": duration, "window": 20, "copies": copies, "own_slot": 0, "receiver_workers": receiver_workers}
+    params = {
+        "duration": duration,
+        "window": min(200, max(20, 20000 // clients)),
+        "copies": copies,
+        "own_slot": 0,
+        "receiver_workers": receiver_workers,
+    }
     plans = [Plan("fanout", senders, params)] + [
         Plan("fanout", part, {"concurrency": 100}) for part in _split(receivers, ctx.workers)
     ]
@@ -129,24 +140,38 @@ def _fanout_once(ctx: Ctx, cluster: Cluster, targets: list[Target], clients: int
 def fanout(ctx: Ctx) -> Run:
     clients = ctx.scaled(1000, 100)
     with Cluster(ctx.workdir / "fanout-baseline") as c:
-        base = _fanout_once(ctx, c, [("127.0.0.1", c.baseline().port) for _ in range(2)], clients, 2, "b")
+        base = _fanout_once(
+            ctx, c, [("127.0.0.1", c.baseline().port) for _ in range(2)], clients, 2, "b"
+        )
     with Cluster(ctx.workdir / "fanout") as c:
         gw = _fanout_once(ctx, c, _gateways(ctx, c, 2), clients, 1, "f")
     ratios = [
         g / b
         for g, b in zip(
-            sorted(gw["per_process_per_s"].values()), sorted(base["per_process_per_s"].values()), strict=False
+            sorted(gw["per_process_per_s"].values()),
+            sorted(base["per_process_per_s"].values()),
+            strict=False,
         )
     ]
     worst = min(ratios) if ratios else 0.0
     figs = [
         Figure(
             f"fan-out frames/s ({clients} clients, 1 room, 2 gateways)",
-            gw["frames_per_s"], "frames/s", baseline=base["frames_per_s"],
-            target="ratio >= 0.6 per gateway process", passed=worst >= 0.6 and gw["lost"] == 0,
+            gw["frames_per_s"],
+            "frames/s",
+            baseline=base["frames_per_s"],
+            target="ratio >= 0.6 per gateway process",
+            passed=worst >= 0.6 and gw["lost"] == 0,
             ratio=worst,
         ),
-        Figure("fan-out frames lost", gw["lost"], "frames", baseline=base["lost"], target="0", passed=gw["lost"] == 0),
+        Figure(
+            "fan-out frames lost",
+            gw["lost"],
+            "frames",
+            baseline=base["lost"],
+            target="0",
+            passed=gw["lost"] == 0,
+        ),
     ]
     return Run("fanout", figs, {"gateway": gw, "baseline": base, "per_process_ratio": ratios})
 
@@ -160,7 +185,9 @@ def _merge(timelines: list[list[int]]) -> list[int]:
 
 
 # --- 2. latency ------------------------------------------------------------------------
-def _latency_once(ctx: Ctx, cluster: Cluster, a: Target, b: Target, clients: int, rate: float, tag: str) -> dict[str, Any]:
+def _latency_once(
+    ctx: Ctx, cluster: Cluster, a: Target, b: Target, clients: int, rate: float, tag: str
+) -> dict[str, Any]:
     duration = ctx.scaled(20, 5)
     pairs = clients // 2
     conns: list[Conn] = []
@@ -172,7 +199,9 @@ def _latency_once(ctx: Ctx, cluster: Cluster, a: Target, b: Target, clients: int
     parts: list[list[Conn]] = [[] for _ in range(ctx.workers)]
     for i in range(pairs):
         parts[i % ctx.workers] += conns[2 * i : 2 * i + 2]
-    plans = [Plan("latency", part, {"rate": rate / ctx.workers, "concurrency": 100}) for part in parts]
+    plans = [
+        Plan("latency", part, {"rate": rate / ctx.workers, "concurrency": 100}) for part in parts
+    ]
     fleet = Fleet(plans)
     try:
         fleet.start()
@@ -214,21 +243,40 @@ def latency(ctx: Ctx) -> Run:
     label = f"A->B latency at {rate:.0f} msg/s, {clients} clients"
     figs = [
         Figure(f"{label}: p50", gw["p50_ms"], "ms", baseline=base["p50_ms"]),
-        Figure(f"{label}: p99", gw["p99_ms"], "ms", baseline=base["p99_ms"], target="<= 25 ms", passed=gw["p99_ms"] <= 25),
+        Figure(
+            f"{label}: p99",
+            gw["p99_ms"],
+            "ms",
+            baseline=base["p99_ms"],
+            target="<= 25 ms",
+            passed=gw["p99_ms"] <= 25,
+        ),
         Figure(f"{label}: p99.9", gw["p999_ms"], "ms", baseline=base["p999_ms"]),
-        Figure("latency run: messages received / sent", gw["received"], "msgs", baseline=gw["sent"],
-               target="all", passed=gw["received"] >= gw["sent"]),
+        Figure(
+            "latency run: messages received / sent",
+            gw["received"],
+            "msgs",
+            baseline=gw["sent"],
+            target="all",
+            passed=gw["received"] >= gw["sent"],
+        ),
     ]
     return Run("latency", figs, {"gateway": gw, "baseline": base})
 
 
 # --- 3. durable send --------------------------------------------------------------------
-def _durable_once(ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str) -> dict[str, Any]:
+def _durable_once(
+    ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str
+) -> dict[str, Any]:
     duration = ctx.scaled(15, 4)
     conns = [
-        Conn(*target, ctx.token_fn(f"{tag}-d{i}"), [f"dur{i}"], role="send", room=f"dur{i}") for i in range(senders)
+        Conn(*target, ctx.token_fn(f"{tag}-d{i}"), [f"dur{i}"], role="send", room=f"dur{i}")
+        for i in range(senders)
     ]
-    plans = [Plan("durable", part, {"window": 4, "concurrency": 100}) for part in _split(conns, ctx.workers)]
+    plans = [
+        Plan("durable", part, {"window": 4, "concurrency": 100})
+        for part in _split(conns, ctx.workers)
+    ]
     fleet = Fleet(plans)
     try:
         fleet.start()
@@ -259,14 +307,22 @@ def durable(ctx: Ctx) -> Run:
     with Cluster(ctx.workdir / "durable") as c:
         gw = _durable_once(ctx, c, _gateways(ctx, c, 1)[0], senders, "d")
     figs = [
-        Figure(f"durable send: acked msgs/s ({senders} senders, 1 gateway)", gw["acks_per_s"], "msg/s",
-               baseline=base["acks_per_s"], target=">= 5000/s", passed=gw["acks_per_s"] >= 5000),
+        Figure(
+            f"durable send: acked msgs/s ({senders} senders, 1 gateway)",
+            gw["acks_per_s"],
+            "msg/s",
+            baseline=base["acks_per_s"],
+            target=">= 5000/s",
+            passed=gw["acks_per_s"] >= 5000,
+        ),
     ]
     return Run("durable", figs, {"gateway": gw, "baseline": base})
 
 
 # --- 6. connections ---------------------------------------------------------------------
-def _connections_once(ctx: Ctx, cluster: Cluster, target: Target, server: Proc | None, count: int, tag: str) -> dict[str, Any]:
+def _connections_once(
+    ctx: Ctx, cluster: Cluster, target: Target, server: Proc | None, count: int, tag: str
+) -> dict[str, Any]:
     conns = [Conn(*target, ctx.token_fn(f"{tag}{i}"), []) for i in range(count)]
     plans = [Plan("idle", part, {"concurrency": 200}) for part in _split(conns, ctx.workers)]
     rss0 = server.rss() if server else 0
@@ -307,9 +363,21 @@ def connections(ctx: Ctx) -> Run:
             target = ("127.0.0.1", proc.port)
         gw = _connections_once(ctx, c, target, proc, count, "c")
     figs = [
-        Figure(f"memory per idle connection ({count} on 1 gateway)", gw["kib_per_conn"], "KiB",
-               baseline=base["kib_per_conn"], target="<= 30 KiB", passed=gw["kib_per_conn"] <= 30),
-        Figure("handshakes/s (upgrade + hello + welcome)", gw["handshakes_per_s"], "/s",
-               baseline=base["handshakes_per_s"], target=">= 1000/s", passed=gw["handshakes_per_s"] >= 1000),
+        Figure(
+            f"memory per idle connection ({count} on 1 gateway)",
+            gw["kib_per_conn"],
+            "KiB",
+            baseline=base["kib_per_conn"],
+            target="<= 30 KiB",
+            passed=gw["kib_per_conn"] <= 30,
+        ),
+        Figure(
+            "handshakes/s (upgrade + hello + welcome)",
+            gw["handshakes_per_s"],
+            "/s",
+            baseline=base["handshakes_per_s"],
+            target=">= 1000/s",
+            passed=gw["handshakes_per_s"] >= 1000,
+        ),
     ]
     return Run("connections", figs, {"gateway": gw, "baseline": base})

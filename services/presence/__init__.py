@@ -1,0 +1,1 @@
+"""Presence: who is online across all gateways, crash-safe in a JetStream KV bucket."""

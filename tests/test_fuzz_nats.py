@@ -1,0 +1,140 @@
+"""Fuzzing what the services consume from NATS: arbitrary bytes on the ARCHIVE work queue
+are parked in DEADLETTER (or, if they happen to be valid, written), never stuck or crash
+the archive; garbage on presence subjects is logged and dropped. Real traffic flows on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from chatlib import codec, names
+from chatlib.proto.chat import v1 as pb
+from devtools.servers import PostgresServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+
+from tests.system_fixtures import (
+    SystemRun,
+    archived_id_counts,
+    mint_token,
+    system_run,
+    who_is_online,
+)
+from tests.waiting import wait_until
+
+# Payloads found to break the decoder once (wrong wire types): always tried.
+KNOWN_NASTY = [
+    b"",
+    b"\x0a\x02\x08\x00",
+    b"\x08\x00\x00\x00",
+    b"\x00\x00\x1a\x00",
+    b"\x0a\x05abc",
+    b"\xff" * 8,
+]
+HEADER_CHOICES = [None, "chat.v1.ArchiveTask", "chat.v1.ChatMessage", "chat.v1.Heartbeat",
+                  "no.such.Type"]  # fmt: skip
+
+
+def generate_payloads(count: int) -> list[tuple[bytes, str | None]]:
+    out: list[tuple[bytes, str | None]] = []
+
+    @settings(max_examples=count, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(st.binary(max_size=300), st.sampled_from(HEADER_CHOICES))
+    def collect(data: bytes, header: str | None) -> None:
+        out.append((data, header))
+
+    collect()
+    return out + [(b, h) for b in KNOWN_NASTY for h in HEADER_CHOICES[:3]]
+
+
+def writable(data: bytes, header: str | None) -> bool:
+    """Would a correct archive write this task? (A decodable task with a valid message.)"""
+    try:
+        task = codec.decode_as(pb.ArchiveTask, data, {names.HEADER_TYPE: header} if header else {})
+    except Exception:
+        return False
+    m = task.message
+    return bool(m and m.id and m.sender and (m.room or m.dm_peer))
+
+
+@pytest.fixture(scope="module")
+async def run(
+    tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresServer
+) -> AsyncIterator[SystemRun]:
+    async with system_run(
+        tmp_path_factory.mktemp("fuzz-nats"), pg_server.url, gateways=1, archives=2, presences=2
+    ) as running:
+        yield running
+
+
+async def chat_once(url: str, user: str, content: str) -> str:
+    """Send one room message through the gateway; its acked id."""
+    async with connect(url, open_timeout=5, ping_interval=None) as ws:
+        await ws.send(json.dumps({"type": "hello", "v": 1, "token": mint_token(user)}))
+        await ws.send(json.dumps({"type": "send", "room": "lobby", "content": content,
+                                  "client_id": content}))  # fmt: skip
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame["type"] == "ack":
+                return str(frame["id"])
+
+
+async def test_garbage_on_the_archive_queue_is_parked_and_real_messages_still_land(
+    run: SystemRun,
+) -> None:
+    payloads = await asyncio.to_thread(generate_payloads, 150)
+    js = run.nc.jetstream()
+    before = await chat_once(run.ws_url(), "alice", "before-garbage")
+    for data, header in payloads:
+        await js.publish(
+            names.ARCHIVE_TASKS, data, headers={names.HEADER_TYPE: header} if header else None
+        )
+    after = await chat_once(run.ws_url(), "alice", "after-garbage")
+
+    async def drained() -> bool:
+        info = await js.stream_info(names.STREAM_ARCHIVE)
+        return info.state.messages == 0
+
+    await wait_until(drained, "the archive queue drains (nothing stuck)", timeout=60, interval=0.3)
+    counts = await archived_id_counts(run.database_url)
+    assert counts[before] == 1 and counts[after] == 1
+    assert all(n == 1 for n in counts.values())
+    dead = (await js.stream_info(names.STREAM_DEAD)).state.messages
+    fuzz_rows = sum(counts.values()) - 2
+    # Every fuzzed task is accounted for: parked, or (when valid) written once.
+    assert dead + fuzz_rows == len(payloads), (dead, fuzz_rows, len(payloads))
+    assert fuzz_rows <= sum(writable(d, h) for d, h in payloads)
+    assert run.system.alive("archive-0") and run.system.alive("archive-1")
+
+
+async def test_garbage_on_presence_subjects_changes_nothing_and_presence_keeps_serving(
+    run: SystemRun,
+) -> None:
+    payloads = await asyncio.to_thread(generate_payloads, 100)
+    subjects = [names.PRESENCE_CONN_OPENED, names.PRESENCE_CONN_CLOSED,
+                names.heartbeat_subject("fuzz-gateway")]  # fmt: skip
+    async with connect(run.ws_url(), open_timeout=5, ping_interval=None) as ws:
+        await ws.send(json.dumps({"type": "hello", "v": 1, "token": mint_token("carol")}))
+        await wait_until(lambda: _online(run, ["carol"]), "carol online", timeout=10)
+        for i, (data, header) in enumerate(payloads):
+            await run.nc.publish(
+                subjects[i % len(subjects)],
+                data,
+                headers={names.HEADER_TYPE: header} if header else None,
+            )
+        await run.nc.flush()
+        # Still exactly carol: garbage made no ghost and dropped no one.
+        await wait_until(lambda: _online(run, ["carol"]), "still exactly carol", timeout=10)
+    await wait_until(lambda: _online(run, []), "carol offline after she left", timeout=10)
+    assert all(run.system.alive(n) for n in run.system.names_of("presence"))
+
+
+async def _online(run: SystemRun, users: list[str]) -> bool:
+    try:
+        return await who_is_online(run.nc) == users
+    except Exception:
+        return False

@@ -1,0 +1,122 @@
+"""Pure logic of the gateway: limits, origins, frame parsing and rendering, tokens."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import orjson
+import pytest
+from chatlib.proto.chat import v1 as pb
+from gateway import frames
+from gateway.auth import Authenticator, AuthError, origin_allowed
+from gateway.frames import FrameError
+from gateway.limits import AbuseGuard, TokenBucket
+from gateway.recovery import filter_groups
+from gateway.settings import GatewaySettings
+
+
+def test_token_bucket_allows_the_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=20, burst=40, now=0.0)
+    assert all(bucket.take(now=0.0) for _ in range(40))
+    assert not bucket.take(now=0.0)
+    assert bucket.take(now=0.05)  # one token back after 1/20 s
+    assert not bucket.take(now=0.05)
+    assert sum(bucket.take(now=100.0) for _ in range(100)) == 40  # never above the burst
+
+
+def test_abuse_needs_many_violations_within_the_window() -> None:
+    guard = AbuseGuard(limit=3, window=10.0)
+    assert not any(guard.violation(now=t) for t in (0.0, 1.0, 2.0))
+    assert guard.violation(now=3.0)
+    spaced = AbuseGuard(limit=3, window=10.0)
+    assert not any(spaced.violation(now=t * 11.0) for t in range(10))
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "ok"),
+    [
+        (None, "chat:8000", [], True),  # non-browser client
+        ("http://chat:8000", "chat:8000", [], True),  # development: same host
+        ("http://evil:8000", "chat:8000", [], False),
+        ("https://chat.example", "gw-1:8000", ["https://chat.example"], True),
+        ("https://chat.example/", "gw-1:8000", ["https://chat.example"], True),
+        ("http://gw-1:8000", "gw-1:8000", ["https://chat.example"], False),
+        ("null", "chat:8000", [], False),
+    ],
+)
+def test_origin_allow_list(origin: str | None, host: str, allowed: list[str], ok: bool) -> None:
+    assert origin_allowed(origin, host, allowed) is ok
+
+
+def test_parse_refuses_what_is_not_a_typed_object() -> None:
+    for raw, code in [
+        ("{", "bad_json"),
+        ('"text"', "bad_json"),
+        ("{}", "bad_frame"),
+        ('{"type": 3}', "bad_frame"),
+        ('{"type": "nope"}', "unknown_type"),
+    ]:
+        with pytest.raises(FrameError) as info:
+            frames.parse(raw)
+        assert info.value.code == code
+    assert frames.parse('{"type": "ping"}') == {"type": "ping"}
+
+
+def test_content_limit_counts_utf8_bytes() -> None:
+    assert frames.content_of({"content": "é" * 2048}, 4096, "c") == "é" * 2048
+    with pytest.raises(FrameError) as info:
+        frames.content_of({"content": "é" * 2049}, 4096, "c")
+    assert info.value.code == "content_too_large" and info.value.ref == "c"
+
+
+def test_a_message_is_rendered_once_with_client_id_only_for_its_sender() -> None:
+    msg = pb.ChatMessage(
+        id="01J", dm_peer="bob", sender="alice", content="hi", ts_ms=5, client_id="c1"
+    )
+    rendered = frames.MessageFrames(msg, 42)
+    own, other = rendered.for_user("alice"), rendered.for_user("bob")
+    assert rendered.for_user("alice") is own and rendered.for_user("carol") is other
+    assert orjson.loads(own) == {
+        "type": "message",
+        "id": "01J",
+        "seq": 42,
+        "to": "bob",
+        "sender": "alice",
+        "content": "hi",
+        "ts": 5,
+        "client_id": "c1",
+    }
+    assert "client_id" not in orjson.loads(other)
+
+
+def test_recovery_filters_do_not_overlap_within_one_consumer() -> None:
+    mine, theirs = filter_groups("alice", ["lobby", "dev"])
+    assert mine == ["chat.room.dev", "chat.room.lobby", "chat.dm.alice.*"]
+    assert theirs == ["chat.dm.*.alice"]
+
+
+def test_guest_tokens_round_trip_and_expire() -> None:
+    auth = Authenticator(GatewaySettings(guest_token_ttl=60))
+    token, expires_ms = auth.issue_guest("alice")
+    assert auth.verify(token) == "alice"
+    assert expires_ms > time.time() * 1000
+    old, _ = auth.issue_guest("alice", now=time.time() - 120)
+    with pytest.raises(AuthError):
+        auth.verify(old)
+    with pytest.raises(AuthError):
+        auth.verify(jwt.encode({"sub": "Bad Name", "exp": 2**40}, "x" * 32, "HS256"))
+
+
+def test_jwt_mode_uses_preferred_username_and_checks_issuer() -> None:
+    secret = "s" * 32
+    auth = Authenticator(
+        GatewaySettings(auth_mode="jwt", jwt_secret=secret, jwt_issuer="https://idp")
+    )
+    claims = {"sub": "id-1", "preferred_username": "bob", "iss": "https://idp", "exp": 2**40}
+    assert auth.verify(jwt.encode(claims, secret, "HS256")) == "bob"
+    with pytest.raises(AuthError):
+        auth.verify(jwt.encode({**claims, "iss": "https://other"}, secret, "HS256"))
+    guest = Authenticator(GatewaySettings()).issue_guest("bob")[0]
+    with pytest.raises(AuthError):
+        auth.verify(guest)
