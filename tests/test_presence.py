@@ -35,7 +35,7 @@ __all__ = ["event_log", "gateways", "presence_replicas"]  # fixtures used by nam
 CRASH_BOUND = TEST_GATEWAY_EXPIRY + TEST_HEARTBEAT_INTERVAL + 1.0
 
 
-async def test_user_with_two_tabs_stays_online_when_one_closes_and_goes_offline_within_1s_of_the_last(
+async def test_two_tabs_stay_online_when_one_closes_and_go_offline_within_1s_of_the_last(
     nc: NATS,
     presence_replicas: PresenceReplicas,
     gateways: list[FakeGateway],

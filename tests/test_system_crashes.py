@@ -231,7 +231,7 @@ async def check_outcome(
         return not problems or problems
 
     result = await _wait_for(clients_converged, 20)
-    assert result is True, "\n".join(result)
+    assert result is True, "\n".join(result)  # type: ignore[arg-type]
     assert all(c.reconnects >= 1 for c in clients if c.user in gateway0_users), (
         "gateway-0's clients did not reconnect"
     )

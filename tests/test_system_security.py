@@ -153,7 +153,7 @@ async def test_nobody_reads_a_dm_thread_they_are_not_part_of(run: SystemRun) -> 
             assert frame["code"] in ("bad_user", "bad_room", "bad_frame", "forbidden"), frame
     # The participants still read it.
     await erin.send({"type": "history", "with": "dave"})
-    page = await erin.next("history", **{"with": "dave"})
+    page = await erin.next("history", 5.0, **{"with": "dave"})
     assert [m["id"] for m in page["messages"]] == [secret["id"]]
     for peer in (dave, erin, mallory):
         await peer.ws.close()
@@ -173,7 +173,7 @@ async def test_a_bad_token_gets_unauthorized_and_close_4401(
         "forged": mint_token("alice", secret="not-the-server-secret-at-all-32b"),
         "unsigned": jwt.encode(
             {"sub": "alice", "iss": "natschat-guest", "exp": int(time.time()) + 600},
-            key=None,
+            key=None,  # type: ignore[arg-type]
             algorithm="none",
         ),
         "garbage": "not.a.token",

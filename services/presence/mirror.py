@@ -105,6 +105,10 @@ class Mirror:
             connection_id in held[0].conns or connection_id in held[0].closed
         )
 
+    def is_pending(self, user: str, event_id: str) -> bool:
+        held = self.users.get(user)
+        return held is not None and any(e.event_id == event_id for e in held[0].pending)
+
     def conns_of(self, gateway: str) -> dict[str, str]:
         return dict(self.by_gateway.get(gateway, {}))
 

@@ -113,22 +113,28 @@ class Store:
         revision: int = 0,
         mine: frozenset[str] | set[str] = frozenset(),
     ) -> None:
-        """Publish the user's pending events in order, then remove them from the value."""
+        """Publish our pending event (after the ones before it), then remove what we
+        published from the value. Without `mine` (the sweeper), publish the events whose
+        writers seem dead: those pending longer than PENDING_GRACE_MS."""
         if state is None:
             state, revision = await self.read_user(user)
-        done: set[str] = set()
+        if mine:
+            events = list(state.pending)
+        else:
+            events = [e for e in state.pending if now_ms() - e.ts_ms > PENDING_GRACE_MS]
+        if not events:
+            return
+        await self.publish_in_order(user, events, mine)
+        done = {e.event_id for e in events}
         for _ in range(MAX_ATTEMPTS):
-            todo = [e for e in state.pending if e.event_id not in done]
-            await self.publish_in_order(user, todo, mine)
-            done.update(e.event_id for e in todo)
-            if not state.pending:
+            if not any(e.event_id in done for e in state.pending):
                 return
             state.pending = [e for e in state.pending if e.event_id not in done]
             try:
                 new_revision = await self.kv.update(user_key(user), state.encode(), last=revision)
             except KeyWrongLastSequenceError:
-                # Someone else wrote meanwhile (maybe another transition, maybe a sweeper
-                # that already cleared ours): re-read and publish only what is new.
+                # Someone else wrote meanwhile: re-read and remove ours again. Events that
+                # appeared since are their writers' to publish.
                 metrics.CAS_CONFLICTS.inc()
                 state, revision = await self.read_user(user)
                 continue
@@ -139,10 +145,11 @@ class Store:
         self, user: str, events: list[PendingEvent], mine: frozenset[str] | set[str]
     ) -> None:
         """Events we created are published at once. An older one belongs to another
-        writer, which is probably publishing it right now: we wait for it to reach the
-        stream (keeping the order) and publish it ourselves only once it is older than
-        PENDING_GRACE_MS (its writer is likely dead). Core subscribers, which the stream's
-        deduplication does not cover, so see each event once."""
+        writer, which is probably publishing it right now: we wait for it to be published
+        (gone from the pending list, or found in the stream), keeping the order, and
+        publish it ourselves only once it is older than PENDING_GRACE_MS (its writer is
+        likely dead). Core subscribers, which the stream's deduplication does not cover,
+        so see each event once."""
         i = 0
         while i < len(events):
             event = events[i]
@@ -150,19 +157,19 @@ class Store:
                 await self.publish_event(user, event)
                 i += 1
                 continue
+            if not self.mirror.is_pending(user, event.event_id):
+                i += 1  # its writer published it and cleared it
+                continue
             # Every writer publishes a user's events in order, so the latest pending
             # event found in the stream means all before it are there too.
             reached = await self.last_published_index(user, events)
             if reached >= i:
                 i = reached + 1
             elif now_ms() - event.ts_ms > PENDING_GRACE_MS:
-                log.warning("DEBUG grace publish %s events=%s i=%d mine=%s kv=%s", user,
-                            [(e.kind, e.event_id[:6], e.ts_ms) for e in events], i, [m[:6] for m in mine],
-                            [(e.kind, e.event_id[:6]) for e in (await self.read_user(user))[0].pending])
                 await self.publish_event(user, event)
                 i += 1
             else:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.01)
 
     async def last_published_index(self, user: str, events: list[PendingEvent]) -> int:
         """Index of the latest of `events` that is the last message on its subject, or -1."""
@@ -191,8 +198,9 @@ class Store:
         headers[names.HEADER_MSG_ID] = event.event_id
         ack = await self.js.publish(subject, payload, headers=headers)
         if ack.duplicate:
-            log.info("user %s %s published again (a duplicate)", user, event.kind,
-                     extra={"event_id": event.event_id, "stack": "".join(__import__("traceback").format_stack(limit=6))})
+            # Only a writer's retry after a crash gets here; core subscribers saw it twice.
+            log.info("user %s %s already published", user, event.kind,
+                     extra={"event_id": event.event_id})  # fmt: skip
         else:
             metrics.EVENTS.labels(kind=event.kind).inc()
             log.info("user %s %s", user, event.kind, extra={"event_id": event.event_id})
