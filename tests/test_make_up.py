@@ -14,7 +14,6 @@ import asyncpg
 import nats
 import psutil
 import pytest
-
 from devtools.servers import free_port
 
 READY_LINE = "Ctrl-C stops everything."
