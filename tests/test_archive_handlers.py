@@ -155,7 +155,7 @@ async def test_room_pages_walk_back_through_equal_timestamps_without_gaps_or_rep
     pages = 0
     while True:
         request = pb.HistoryRequest(room="dev", requester="bob", before_id=before, limit=5)
-        page = await room_history(archive_db, request, page_max=200)
+        page = pb.HistoryPage.parse(await room_history(archive_db, request, page_max=200))
         ids_in_page = [m.id for m in page.messages]
         assert ids_in_page == sorted(ids_in_page)  # oldest first within a page
         seen = ids_in_page + seen
@@ -172,7 +172,8 @@ async def test_latest_page_is_the_newest_messages_and_page_size_is_capped(
 ) -> None:
     rows = [room_row("dev", f"m{i}", ts_ms=SAME_MS + i) for i in range(30)]
     await write_rows(archive_db, rows)
-    page = await room_history(archive_db, pb.HistoryRequest(room="dev", limit=1000), page_max=10)
+    request = pb.HistoryRequest(room="dev", limit=1000)
+    page = pb.HistoryPage.parse(await room_history(archive_db, request, page_max=10))
     assert [m.id for m in page.messages] == [r.id for r in rows[-10:]]
     assert page.has_more
     first = page.messages[0]
@@ -188,9 +189,8 @@ async def test_dm_thread_is_served_to_both_participants(archive_db: asyncpg.Pool
     thread = [dm_row("alice", "bob", "hi bob"), dm_row("bob", "alice", "hi alice")]
     await write_rows(archive_db, [*thread, dm_row("alice", "carol", "other thread")])
     for requester, peer in (("alice", "bob"), ("bob", "alice")):
-        page = await dm_history(
-            archive_db, pb.HistoryRequest(dm_peer=peer, requester=requester), 50
-        )
+        request = pb.HistoryRequest(dm_peer=peer, requester=requester)
+        page = pb.HistoryPage.parse(await dm_history(archive_db, request, 50))
         assert [(m.sender, m.dm_peer, m.content) for m in page.messages] == [
             ("alice", "bob", "hi bob"),
             ("bob", "alice", "hi alice"),
@@ -202,7 +202,8 @@ async def test_dm_thread_is_refused_to_a_third_user(archive_db: asyncpg.Pool) ->
     thread = [dm_row("alice", "bob", f"secret {i}") for i in range(3)]
     await write_rows(archive_db, thread)
     # Carol can only ever ask for her own thread with bob, which holds nothing of theirs...
-    page = await dm_history(archive_db, pb.HistoryRequest(dm_peer="bob", requester="carol"), 50)
+    request = pb.HistoryRequest(dm_peer="bob", requester="carol")
+    page = pb.HistoryPage.parse(await dm_history(archive_db, request, 50))
     assert page.messages == []
     # ...and paging from one of their message ids is refused outright.
     request = pb.HistoryRequest(dm_peer="bob", requester="carol", before_id=thread[-1].id)

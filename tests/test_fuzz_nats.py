@@ -83,12 +83,6 @@ async def chat_once(url: str, user: str, content: str) -> str:
                 return str(frame["id"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="archive worker dies on ArchiveTask b'\\x0a\\x02\\x08\\x00': chatlib.codec.decode_as "
-    "raises AttributeError (not DecodeError), which escapes handle_batch and ends the consume "
-    "loop; the queue then stays stuck",
-)
 async def test_garbage_on_the_archive_queue_is_parked_and_real_messages_still_land(
     run: SystemRun,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import jwt
@@ -10,10 +11,13 @@ import pytest
 from chatlib.proto.chat import v1 as pb
 from gateway import frames
 from gateway.auth import Authenticator, AuthError, origin_allowed
+from gateway.batching import SharedRead
 from gateway.frames import FrameError
 from gateway.limits import AbuseGuard, TokenBucket
 from gateway.recovery import filter_groups
+from gateway.session import _text_frame
 from gateway.settings import GatewaySettings
+from websockets.frames import Frame, Opcode
 
 
 def test_token_bucket_allows_the_burst_then_the_rate() -> None:
@@ -120,3 +124,48 @@ def test_jwt_mode_uses_preferred_username_and_checks_issuer() -> None:
     guest = Authenticator(GatewaySettings()).issue_guest("bob")[0]
     with pytest.raises(AuthError):
         auth.verify(guest)
+
+
+async def test_hellos_arriving_together_share_one_read_but_never_an_already_sent_one() -> None:
+    reads: list[asyncio.Future[int]] = []
+
+    async def read() -> int:
+        reads.append(asyncio.get_running_loop().create_future())
+        return await reads[-1]
+
+    shared: SharedRead[int] = SharedRead(read)
+    first = [asyncio.create_task(shared.get()) for _ in range(3)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(reads) == 1  # three callers, one read in flight
+    late = [asyncio.create_task(shared.get()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(reads) == 1  # the late ones wait for the next read, not the sent one
+    reads[0].set_result(10)
+    assert await asyncio.gather(*first) == [10, 10, 10]
+    assert len(reads) == 2  # the next read went out as soon as the first was answered
+    reads[1].set_result(11)
+    assert await asyncio.gather(*late) == [11, 11]
+    assert len(reads) == 2
+
+
+async def test_a_failed_shared_read_fails_its_callers_and_the_next_read_starts_fresh() -> None:
+    calls = 0
+
+    async def read() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError("nats is slow")
+        return 7
+
+    shared: SharedRead[int] = SharedRead(read)
+    with pytest.raises(TimeoutError):
+        await shared.get()
+    assert await shared.get() == 7
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_frames_written_straight_to_the_socket_are_what_websockets_would_send(size: int) -> None:
+    payload = b"x" * size
+    assert _text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)

@@ -27,7 +27,8 @@ from archive.worker import ArchiveWorker, backoff
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
-HistoryHandler = Callable[[asyncpg.Pool, pb.HistoryRequest, int], Awaitable[pb.HistoryPage]]
+HistoryHandler = Callable[[asyncpg.Pool, pb.HistoryRequest, int], Awaitable[bytes]]
+PAGE_HEADERS = {names.HEADER_TYPE: codec.type_name(pb.HistoryPage())}
 
 
 class ArchiveService:
@@ -227,5 +228,4 @@ class ArchiveService:
             page = await handler(self.pool, query, self.settings.history_page_max)
         except handlers.DB_UNAVAILABLE as exc:
             raise ServiceError("503", "history database unavailable") from exc
-        data, headers = codec.encode(page)
-        await request.respond(data, headers=headers)
+        await request.respond(page, headers=dict(PAGE_HEADERS))

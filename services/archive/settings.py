@@ -15,7 +15,7 @@ class ArchiveSettings(CommonSettings):
     db_pool_min: int = Field(default=1, ge=1)
     db_pool_max: int = Field(default=8, ge=1)
     # Tasks fetched and committed together in one transaction.
-    batch_size: int = Field(default=500, gt=0)
+    batch_size: int = Field(default=2000, gt=0)
     fetch_timeout: float = Field(default=1.0, gt=0)
     # Unacked tasks go back to the queue after ack_wait; after max_deliver attempts a
     # task is dead-lettered.

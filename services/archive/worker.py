@@ -54,24 +54,49 @@ class ArchiveWorker:
         self.stopping = True
 
     async def run(self) -> None:
-        while not self.stopping:
-            try:
-                msgs = await self.sub.fetch(
-                    self.settings.batch_size, timeout=self.settings.fetch_timeout
-                )
-            except nats.errors.TimeoutError:
-                continue  # nothing to do, or NATS is reconnecting: ask again
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                await asyncio.sleep(0.2)
-                continue
-            except Exception:
-                log.exception("fetch failed")
-                await asyncio.sleep(0.5)
-                continue
-            if msgs:
-                await self.handle_batch(msgs)
+        """Fetch and decode batch N+1 while batch N commits: one write in flight per
+        replica, so Postgres is never idle waiting for NATS, nor NATS for Postgres."""
+        writing: asyncio.Task[None] | None = None
+        try:
+            while not self.stopping:
+                msgs = await self.fetch()
+                if not msgs:
+                    continue
+                batch = await self.decode_batch(msgs)
+                if writing is not None:
+                    await self.wait_holding(writing, [msg for msg, _ in batch])
+                writing = asyncio.create_task(self.write_batch(batch), name="archive-write")
+        finally:
+            # A stop (or a cancel) still commits and acks the batch in hand.
+            if writing is not None:
+                await asyncio.shield(writing)
 
-    async def handle_batch(self, msgs: list[Msg]) -> None:
+    async def fetch(self) -> list[Msg]:
+        try:
+            return await self.sub.fetch(
+                self.settings.batch_size, timeout=self.settings.fetch_timeout
+            )
+        except nats.errors.TimeoutError:
+            return []  # nothing to do, or NATS is reconnecting: ask again
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+            await asyncio.sleep(0.2)
+        except Exception:
+            log.exception("fetch failed")
+            await asyncio.sleep(0.5)
+        return []
+
+    async def wait_holding(self, writing: asyncio.Task[None], held: list[Msg]) -> None:
+        """Wait for the write in flight; meanwhile keep the batch held here from being
+        redelivered (a long outage must not use up its deliveries)."""
+        while True:
+            done, _ = await asyncio.wait({writing}, timeout=self.settings.ack_wait / 3)
+            if done:
+                writing.result()
+                return
+            await self.keep_alive(held)
+
+    async def decode_batch(self, msgs: list[Msg]) -> list[tuple[Msg, Row]]:
+        """The rows of a batch; poison tasks are dead-lettered here."""
         metrics.BATCH_SIZE.observe(len(msgs))
         good: list[tuple[Msg, Row]] = []
         for msg in msgs:
@@ -82,11 +107,19 @@ class ArchiveWorker:
             except PoisonTask as exc:
                 # Undecodable or invalid: no retry can fix it. Park it and move on.
                 await self.dead_letter(msg, str(exc), "poison")
-        if good:
-            await self.write_batch(good)
-        await self.flush_acks()
+        return good
 
     async def write_batch(self, batch: list[tuple[Msg, Row]]) -> None:
+        try:
+            if batch:
+                await self.commit(batch)
+        except Exception:
+            # Never let a surprise end the consume loop (it runs in a task nobody reads):
+            # the batch is not acked, so it comes back after ack_wait.
+            log.exception("writing a batch failed unexpectedly; it will be redelivered")
+        await self.flush_acks()
+
+    async def commit(self, batch: list[tuple[Msg, Row]]) -> None:
         rows = [row for _, row in batch]
         attempt = 0
         while True:

@@ -43,15 +43,17 @@ def decode_as(cls: type[M], data: bytes, headers: dict[str, str] | None = None) 
     declared = (headers or {}).get(names.HEADER_TYPE)
     if declared is not None and declared != _full_name(cls):
         raise DecodeError(f"expected {_full_name(cls)}, header says {declared}")
+    # betterproto2's parser is lenient (a truncated string comes back shortened, garbage
+    # comes back as unknown fields, a field of the wrong wire type is stored as whatever
+    # it decoded to). Unknown fields are kept and re-encoded, and every protobuf encoder
+    # writes fields in order, so a real message re-encodes to its own bytes; anything
+    # else is corrupt. Re-encoding can itself fail on a wrongly typed field.
     try:
         message = cls.parse(data)
+        canonical = bytes(message) == data
     except Exception as exc:  # betterproto2 raises assorted errors on bad wire data
         raise DecodeError(f"cannot decode {_full_name(cls)}: {exc}") from exc
-    # betterproto2's parser is lenient (a truncated string comes back shortened, garbage
-    # comes back as unknown fields). Unknown fields are kept and re-encoded, and every
-    # protobuf encoder writes fields in order, so a real message re-encodes to its own
-    # bytes; anything else is corrupt.
-    if bytes(message) != data or (message._unknown_fields and not _well_formed(data)):
+    if not canonical or (message._unknown_fields and not _well_formed(data)):
         raise DecodeError(f"corrupt or truncated {_full_name(cls)} payload")
     return message
 

@@ -149,3 +149,5 @@ ADVISORY_ARCHIVE_MAX_DELIVERIES = (
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM_ARCHIVE}.{CONSUMER_ARCHIVE}"
 )
 QUEUE_ARCHIVE = "archive"
+# Every DM typing indicator (a gateway's one DM typing subscription).
+TYPING_DM_ALL = "typing.dm.*.*"

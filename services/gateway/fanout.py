@@ -1,8 +1,9 @@
 """Live fan-out from NATS to local sockets.
 
-A gateway subscribes (core NATS) only to what its users need: live.chat.room.<room> and
-typing.room.<room> while the room has a local member, and each local user's DM wildcards
-while the user has a local session. Subscriptions are reference-counted. Each message is
+A gateway subscribes (core NATS) to live.chat.room.<room> and typing.room.<room> while the
+room has a local member (reference-counted), and once, gateway-wide, to every DM
+(live.chat.dm.*.* and typing.dm.*.*), dispatched locally to the participants' sessions:
+a hello then needs no NATS subscription of its own. Each message is
 decoded once and rendered once (frames.MessageFrames); sockets get the same text.
 
 Gaps: each live message carries Nats-Last-Sequence, the previous seq on its subject. If
@@ -13,11 +14,10 @@ delivered first, so members still see the room's order with nothing missing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
@@ -32,75 +32,95 @@ from gateway.session import Session
 log = logging.getLogger(__name__)
 
 
+# Last seq delivered per DM subject, for gap detection: bounded (DM threads are many).
+DM_DELIVERED_MAX = 100_000
+# Messages published here whose live copy has not come back yet (see Hub.published).
+PUBLISHED_MAX = 4096
+
+
 class Hub:
     def __init__(self, nc: NATS, js: JetStreamContext) -> None:
         self.nc, self.js = nc, js
         self.sessions: set[Session] = set()
         self.room_members: dict[str, set[Session]] = {}
         self.user_sessions: dict[str, set[Session]] = {}
+        # room -> its subscriptions; the list is filled once they exist (see join).
         self._room_subs: dict[str, list[Subscription]] = {}
-        self._user_subs: dict[str, list[Subscription]] = {}
-        self._presence_sub: Subscription | None = None
-        self._lock = asyncio.Lock()
-        # A DM between two local users arrives once per user subscription: render it once.
+        self._global_subs: list[Subscription] = []
+        # A message delivered twice (live + refill) is rendered once.
         self._recent: OrderedDict[int, frames.MessageFrames] = OrderedDict()
-        # (subscription owner, chat subject) -> last seq delivered, for gap detection.
-        self._delivered: dict[tuple[str, str], int] = {}
+        # chat subject -> last seq delivered, for gap detection (rooms with a local member).
+        self._delivered: dict[str, int] = {}
+        # The same for every DM subject this gateway saw (its DM subscription is global).
+        self._dm_delivered: OrderedDict[str, int] = OrderedDict()
+        # Messages this gateway just published, by Nats-Msg-Id: (payload, message). Their
+        # live copy is then not decoded again (decoding is the costliest step per message).
+        self._published: OrderedDict[str, tuple[bytes, pb.ChatMessage]] = OrderedDict()
+
+    def published(self, msg_id: str, payload: bytes, chat: pb.ChatMessage) -> None:
+        self._published[msg_id] = (payload, chat)
+        if len(self._published) > PUBLISHED_MAX:
+            self._published.popitem(last=False)
 
     async def start(self) -> None:
-        self._presence_sub = await self.nc.subscribe(
-            names.PRESENCE_EVENTS_ALL, cb=self._on_presence
-        )
+        # DMs: one gateway-wide subscription each (not four per user): a hello then costs
+        # no NATS subscription for the user, and a socket no subscription tasks. Every
+        # gateway sees every DM; one that has no local participant drops it undecoded.
+        self._global_subs = [
+            await self.nc.subscribe(names.PRESENCE_EVENTS_ALL, cb=self._on_presence),
+            await self.nc.subscribe(names.live_subject(names.DM_ALL), cb=self._on_live_dm),
+            await self.nc.subscribe(names.TYPING_DM_ALL, cb=self._on_typing_dm),
+        ]
 
     # --- membership ---------------------------------------------------------------------
     async def add(self, session: Session, rooms: Iterable[str]) -> None:
-        async with self._lock:
-            self.sessions.add(session)
-            users = self.user_sessions.setdefault(session.user, set())
-            users.add(session)
-            if session.user not in self._user_subs:
-                self._user_subs[session.user] = await self._subscribe_user(session.user)
+        self.sessions.add(session)
+        self.user_sessions.setdefault(session.user, set()).add(session)
         for room in rooms:
             await self.join(session, room)
 
     async def remove(self, session: Session) -> None:
         for room in list(session.rooms):
             await self.leave(session, room)
-        async with self._lock:
-            self.sessions.discard(session)
-            users = self.user_sessions.get(session.user)
-            if users is not None:
-                users.discard(session)
-                if not users:
-                    del self.user_sessions[session.user]
-                    self._forget(f"user:{session.user}")
-                    for sub in self._user_subs.pop(session.user, []):
-                        await _unsubscribe(sub)
+        self.sessions.discard(session)
+        users = self.user_sessions.get(session.user)
+        if users is not None:
+            users.discard(session)
+            if not users:
+                del self.user_sessions[session.user]
 
     async def join(self, session: Session, room: str) -> None:
-        async with self._lock:
-            session.rooms.add(room)
-            members = self.room_members.setdefault(room, set())
-            members.add(session)
-            if room not in self._room_subs:
-                self._room_subs[room] = await self._subscribe_room(room)
+        session.rooms.add(room)
+        self.room_members.setdefault(room, set()).add(session)
+        if room in self._room_subs:
+            # Subscribed, or being subscribed: the SUB is already in the NATS connection's
+            # outgoing buffer (nats-py queues it before its first await), so anything this
+            # session asks NATS next is answered after the subscription is in place.
+            return
+        pending: list[Subscription] = []
+        self._room_subs[room] = pending
+        subs = await self._subscribe_room(room)
+        if self._room_subs.get(room) is pending:
+            pending.extend(subs)
+        else:  # everyone left while we subscribed
+            for sub in subs:
+                await _unsubscribe(sub)
 
     async def leave(self, session: Session, room: str) -> None:
-        async with self._lock:
-            session.rooms.discard(room)
-            members = self.room_members.get(room)
-            if members is None:
-                return
-            members.discard(session)
-            if not members:
-                del self.room_members[room]
-                self._forget(f"room:{room}")
-                for sub in self._room_subs.pop(room, []):
-                    await _unsubscribe(sub)
+        session.rooms.discard(room)
+        members = self.room_members.get(room)
+        if members is None:
+            return
+        members.discard(session)
+        if not members:
+            del self.room_members[room]
+            self._delivered.pop(names.room_subject(room), None)
+            for sub in self._room_subs.pop(room, []):
+                await _unsubscribe(sub)
 
     async def _subscribe_room(self, room: str) -> list[Subscription]:
         async def on_live(msg: Msg) -> None:
-            await self._on_chat(msg, f"room:{room}", lambda: self.room_members.get(room, ()))
+            await self._on_chat(msg, self._delivered, lambda: self.room_members.get(room, ()))
 
         async def on_typing(msg: Msg) -> None:
             self._on_typing(msg, self.room_members.get(room, ()))
@@ -111,43 +131,66 @@ class Hub:
             await self.nc.subscribe(names.typing_room_subject(room), cb=on_typing),
         ]
 
-    async def _subscribe_user(self, user: str) -> list[Subscription]:
-        async def on_live(msg: Msg) -> None:
-            await self._on_chat(msg, f"user:{user}", lambda: self.user_sessions.get(user, ()))
+    def _dm_targets(self, subject: str) -> list[Session]:
+        """Local sessions of both participants of a DM subject (...dm.<lo>.<hi>)."""
+        parts = subject.rsplit(".", 2)
+        if len(parts) != 3:
+            return []
+        found: list[Session] = []
+        for user in (parts[1], parts[2]):
+            found.extend(self.user_sessions.get(user, ()))
+        return found
 
-        async def on_typing(msg: Msg) -> None:
-            self._on_typing(msg, self.user_sessions.get(user, ()))
+    async def _on_live_dm(self, msg: Msg) -> None:
+        subject = msg.subject.removeprefix(names.LIVE_PREFIX + ".")
+        if subject in self._dm_delivered:
+            self._dm_delivered.move_to_end(subject)
+        if self._dm_targets(subject):
+            await self._on_chat(msg, self._dm_delivered, lambda: self._dm_targets(subject))
+        else:
+            # Nobody here takes part, but keep the position: if a participant connects
+            # later, a gap check against an old position would replay what it has.
+            try:
+                self._dm_delivered[subject] = int(
+                    (msg.headers or {}).get(names.HEADER_SEQUENCE, "0")
+                )
+            except ValueError:
+                return
+        while len(self._dm_delivered) > DM_DELIVERED_MAX:
+            self._dm_delivered.popitem(last=False)
 
-        subs = [
-            await self.nc.subscribe(names.live_subject(s), cb=on_live)
-            for s in names.dm_subjects_of(user)
-        ]
-        subs += [
-            await self.nc.subscribe(s, cb=on_typing) for s in names.typing_dm_subjects_of(user)
-        ]
-        return subs
+    async def _on_typing_dm(self, msg: Msg) -> None:
+        targets = self._dm_targets(msg.subject)
+        if targets:
+            self._on_typing(msg, targets)
 
     # --- incoming -----------------------------------------------------------------------
     async def _on_chat(
-        self, msg: Msg, owner: str, targets: Callable[[], Iterable[Session]]
+        self,
+        msg: Msg,
+        delivered_on: MutableMapping[str, int],
+        targets: Callable[[], Iterable[Session]],
     ) -> None:
         headers = msg.headers or {}
         try:
             seq = int(headers.get(names.HEADER_SEQUENCE, "0"))
             previous = int(headers.get(names.HEADER_LAST_SEQUENCE, "0"))
-            chat = codec.decode_as(pb.ChatMessage, msg.data, headers)
+            mine = self._published.pop(headers.get(names.HEADER_MSG_ID, ""), None)
+            if mine is not None and mine[0] == msg.data:
+                chat = mine[1]  # the very bytes we published (a retry's could differ)
+            else:
+                chat = codec.decode_as(pb.ChatMessage, msg.data, headers)
         except (ValueError, codec.DecodeError) as exc:
             log.warning("undecodable live message on %s: %s", msg.subject, exc)
             return
         subject = msg.subject.removeprefix(names.LIVE_PREFIX + ".")
-        key = (owner, subject)
-        delivered = self._delivered.get(key)
+        delivered = delivered_on.get(subject)
         if delivered is not None:
             if seq <= delivered:
                 return  # already delivered (refilled earlier)
             if previous > delivered:
                 await self._refill(subject, delivered, previous, targets)
-        self._delivered[key] = seq
+        delivered_on[subject] = seq
         self._fan_out(seq, chat, targets())
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - chat.ts_ms / 1000))
 
@@ -173,10 +216,6 @@ class Hub:
                 self._recent.popitem(last=False)
         for session in list(targets):
             session.deliver_live(seq, rendered.for_user(session.user))
-
-    def _forget(self, owner: str) -> None:
-        for key in [k for k in self._delivered if k[0] == owner]:
-            del self._delivered[key]
 
     def _on_typing(self, msg: Msg, targets: Iterable[Session]) -> None:
         try:
@@ -214,13 +253,10 @@ class Hub:
 
     async def stop(self) -> None:
         subs = [s for group in self._room_subs.values() for s in group]
-        subs += [s for group in self._user_subs.values() for s in group]
-        if self._presence_sub is not None:
-            subs.append(self._presence_sub)
-        for sub in subs:
+        for sub in [*subs, *self._global_subs]:
             await _unsubscribe(sub)
         self._room_subs.clear()
-        self._user_subs.clear()
+        self._global_subs.clear()
 
 
 async def _unsubscribe(sub: Subscription) -> None:

@@ -51,11 +51,11 @@ async def handle_raw(raw: str | bytes, session: Session, deps: Deps) -> int | No
     try:
         frame = frames.parse(raw)
     except FrameError as exc:
-        metrics.FRAMES_IN.labels("invalid").inc()
+        metrics.frames_in("invalid").inc()
         _refuse(session, exc)
         return None
     kind = frame["type"]
-    metrics.FRAMES_IN.labels(kind).inc()
+    metrics.frames_in(kind).inc()
     if kind in frames.RATE_LIMITED_TYPES and not session.bucket.take():
         metrics.RATE_LIMITED.inc()
         ref = frame.get("client_id") if isinstance(frame.get("client_id"), str) else kind
@@ -94,7 +94,7 @@ async def handle_send(frame: dict[str, Any], session: Session, deps: Deps) -> No
     if room not in session.rooms:
         raise FrameError("not_joined", f"join {room!r} before sending to it", cid)
     msg = _new_message(session.user, content, cid, room=room)
-    await publish_durably(msg, names.room_subject(room), session, deps)
+    await session.start_send(_send_durably(msg, names.room_subject(room), session, deps))
 
 
 async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None:
@@ -104,7 +104,8 @@ async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None
         raise FrameError("bad_user", "you cannot send a direct message to yourself", cid)
     content = frames.content_of(frame, deps.settings.max_content_bytes, cid)
     msg = _new_message(session.user, content, cid, dm_peer=peer)
-    await publish_durably(msg, names.dm_subject(session.user, peer), session, deps)
+    subject = names.dm_subject(session.user, peer)
+    await session.start_send(_send_durably(msg, subject, session, deps))
 
 
 def _new_message(
@@ -121,11 +122,22 @@ def _new_message(
     )
 
 
+async def _send_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
+    """publish_durably run beside the socket's receive loop (Session.start_send): the
+    client's next frames are handled while this one waits for its PubAck."""
+    try:
+        await publish_durably(msg, subject, session, deps)
+    except FrameError as exc:
+        _refuse(session, exc)
+
+
 async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
     """Ack only after JetStream stored it. A retry (same client_id, any gateway) is a
     duplicate for JetStream; it is acked with the original's id, seq and time."""
     payload, headers = codec.encode(msg)
     headers[names.HEADER_MSG_ID] = names.dedup_id(msg.sender, msg.client_id, msg.id)
+    # Its live copy may come back before the PubAck: remember it first.
+    deps.hub.published(headers[names.HEADER_MSG_ID], payload, msg)
     try:
         ack = await deps.js.publish(
             subject,
