@@ -9,11 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from chatlib import codec, ids, names, validate
+from chatlib import codec, ids, names, validate, wire
 from chatlib.proto.chat import v1 as pb
 from nats.micro.request import ServiceError
-
-from archive import wire
 
 DEFAULT_PAGE = 50
 
@@ -126,7 +124,7 @@ _CHAT_MESSAGE = codec.type_name(pb.ChatMessage())
 
 
 def task_row(subject: str, data: bytes, headers: dict[str, str] | None) -> Row:
-    # Fast path first (archive.wire): it reads the canonical encoding every publisher
+    # Fast path first (chatlib.wire): it reads the canonical encoding every publisher
     # writes and says None for anything else, which the codec then judges.
     declared = headers.get(names.HEADER_TYPE) if headers else None
     kind = declared or (_ARCHIVE_TASK if subject == names.ARCHIVE_TASKS else _CHAT_MESSAGE)
@@ -194,7 +192,7 @@ def check_before_id(before_id: str) -> None:
 
 
 def record_message(record: asyncpg.Record) -> bytes:
-    """The encoded pb.ChatMessage of a row (archive.wire: betterproto2 would cost ~50 us)."""
+    """The encoded pb.ChatMessage of a row (chatlib.wire: betterproto2 would cost ~50 us)."""
     room, sender = record["room"], record["sender"]
     if room is not None:
         peer = ""

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import betterproto2
 
-from chatlib import names
+from chatlib import names, wire
 from chatlib.proto.chat import v1 as pb
 
 M = TypeVar("M", bound=betterproto2.Message)
@@ -35,7 +35,9 @@ def type_name(message: betterproto2.Message) -> str:
 
 def encode(message: betterproto2.Message) -> tuple[bytes, dict[str, str]]:
     """Payload bytes and the headers that name the payload's type."""
-    return bytes(message), {names.HEADER_TYPE: type_name(message)}
+    # ChatMessage is on every send's path: wire writes the same bytes much faster.
+    data = wire.encode_chat_message(message) if type(message) is pb.ChatMessage else bytes(message)
+    return data, {names.HEADER_TYPE: type_name(message)}
 
 
 def decode_as(cls: type[M], data: bytes, headers: dict[str, str] | None = None) -> M:

@@ -24,6 +24,8 @@ from devtools.bench import wsclient
 MESSAGE_MARK = b'"type":"message"'
 ACK_MARK = b'"type":"ack"'
 BUCKET = 0.1  # seconds per throughput-timeline bucket
+# How long receivers may take, after the senders stop, to get what was still in flight.
+LATENCY_GRACE = 2.0
 
 
 @dataclass
@@ -189,6 +191,10 @@ async def _worker(
         task.cancel()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     sent = sum(int(o) for o in outcomes if type(o) is int)
+    if plan.mode == "latency":
+        # Senders stop first; messages still in flight at that instant get a moment to
+        # arrive, so "received < sent" means lost, not merely late.
+        await _wait_received(clients, sent, LATENCY_GRACE)
     cpu1 = os.times()
     latencies = [lat for c in clients for lat in c.latencies]
     closed = sum(1 for c in clients if c.conn is not None and c.conn.closed.done())
@@ -216,6 +222,12 @@ async def _worker(
         "sent": sent,
         "run_cpu_seconds": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
     }
+
+
+async def _wait_received(clients: list[Client], sent: int, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while sum(len(c.latencies) for c in clients) < sent and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
 
 
 async def _report_progress(

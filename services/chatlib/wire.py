@@ -1,13 +1,14 @@
-"""Hand-written protobuf for the archive's two hot paths, byte-for-byte what betterproto2
-writes and reads, at a fraction of its cost (it is pure Python and spends ~50 us per
-message either way, which capped a replica at ~10,000 tasks/s and made a 50-message
-history page cost ~2.5 ms to encode).
+"""Hand-written protobuf for the hot paths, byte-for-byte what betterproto2 writes and
+reads, at a fraction of its cost (it is pure Python and spends ~50 us per message either
+way, which capped an archive replica at ~10,000 tasks/s, made a 50-message history page
+cost ~2.5 ms to encode, and was a fifth of the gateway's time per durable send).
 
 - `parse_chat_message` / `parse_archive_task`: read a task's ChatMessage. They accept only
   the canonical encoding (fields in order, each once, no default values, minimal varints,
   valid UTF-8, no unknown fields) and return None for anything else, so the caller falls
   back to chatlib.codec: the fast path never accepts what the codec would refuse, and
   gives the same values for what it accepts.
+- `encode_message` / `encode_chat_message`: a ChatMessage (codec.encode uses it).
 - `encode_page`: a pb.HistoryPage straight from database records.
 """
 
@@ -116,9 +117,9 @@ def _string(key: bytes, text: str) -> bytes:
 
 
 def encode_message(
-    id: str, room: str, dm_peer: str, sender: str, content: str, ts_ms: int
+    id: str, room: str, dm_peer: str, sender: str, content: str, ts_ms: int, client_id: str = ""
 ) -> bytes:
-    """A ChatMessage (without client_id, which the archive does not keep)."""
+    """A ChatMessage from its fields (proto3: fields at their default are not written)."""
     parts = []
     if id:
         parts.append(_string(b"\x0a", id))
@@ -132,7 +133,14 @@ def encode_message(
         parts.append(_string(b"\x2a", content))
     if ts_ms:
         parts.append(b"\x30" + _varint(ts_ms if ts_ms > 0 else ts_ms + (1 << 64)))
+    if client_id:
+        parts.append(_string(b"\x3a", client_id))
     return b"".join(parts)
+
+
+def encode_chat_message(m: Any) -> bytes:
+    """`bytes(m)` for a pb.ChatMessage, without betterproto2's per-field machinery."""
+    return encode_message(m.id, m.room, m.dm_peer, m.sender, m.content, m.ts_ms, m.client_id)
 
 
 def encode_page(messages: Sequence[bytes], has_more: bool) -> bytes:
