@@ -1,4 +1,5 @@
-"""The WebSocket protocol v1 (docs/protocol.md): parsing client frames, building server ones.
+"""The WebSocket protocol v1 (README, "WebSocket protocol v1"): parsing client frames,
+building server ones.
 
 Pure functions, no I/O. Server frames are built as JSON text once and shared by every
 socket that receives them.
@@ -16,7 +17,7 @@ VERSION = 1
 LOBBY = "lobby"
 MAX_CLIENT_ID = 64
 
-# Close codes (documented in docs/protocol.md).
+# Close codes (documented in the README, "Close codes").
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
