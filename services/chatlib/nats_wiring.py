@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServerError
 from nats.js.kv import KeyValue
 
 from chatlib import names
@@ -132,16 +132,30 @@ def stream_configs(settings: CommonSettings) -> list[api.StreamConfig]:
     ]
 
 
+# How often stream creation is retried while the server reports its store busy.
+STORE_RETRIES = 5
+
+
 async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
     """Create the stream if missing. Safe when several replicas start at once: creating an
     identical stream twice succeeds, and a stream that exists with another config is left
     as the operator set it (changing retention under running consumers is their call)."""
-    try:
-        await js.add_stream(config)
-    except BadRequestError as exc:
-        if exc.err_code != 10058:  # stream name already in use with a different config
-            raise
-        log.info("stream %s exists with another config; leaving it as is", config.name)
+    for attempt in range(STORE_RETRIES + 1):
+        try:
+            await js.add_stream(config)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # stream name already in use with a different config
+                raise
+            log.info("stream %s exists with another config; leaving it as is", config.name)
+            return
+        except ServerError as exc:
+            # 10049 "error creating store": the server is still removing the files of a
+            # stream of that name deleted a moment ago. Transient: try again shortly.
+            if exc.err_code != 10049 or attempt == STORE_RETRIES:
+                raise
+            log.info("stream %s: store busy, retrying", config.name)
+            await asyncio.sleep(0.1 * (attempt + 1))
 
 
 async def provision(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
