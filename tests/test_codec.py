@@ -37,3 +37,9 @@ def test_garbage_that_the_parser_would_keep_as_unknown_fields_is_refused() -> No
 def test_fields_from_a_newer_producer_are_kept_not_refused() -> None:
     newer = bytes(pb.ChatMessage(id="ab", ts_ms=5)) + b"\x40\x01"  # field 8, varint 1
     assert codec.decode_as(pb.ChatMessage, newer).id == "ab"
+
+
+def test_re_encoding_keeps_a_newer_producers_fields() -> None:
+    newer = bytes(pb.ChatMessage(id="ab", ts_ms=5)) + b"\x40\x01"  # field 8, varint 1
+    message = codec.decode_as(pb.ChatMessage, newer)
+    assert codec.encode(message)[0] == newer

@@ -35,8 +35,13 @@ def type_name(message: betterproto2.Message) -> str:
 
 def encode(message: betterproto2.Message) -> tuple[bytes, dict[str, str]]:
     """Payload bytes and the headers that name the payload's type."""
-    # ChatMessage is on every send's path: wire writes the same bytes much faster.
-    data = wire.encode_chat_message(message) if type(message) is pb.ChatMessage else bytes(message)
+    # ChatMessage is on every send's path: wire writes the same bytes much faster. It
+    # knows only today's fields, so a message carrying a newer producer's fields (kept as
+    # unknown fields) goes through betterproto2, which writes them back out.
+    if type(message) is pb.ChatMessage and not message._unknown_fields:
+        data = wire.encode_chat_message(message)
+    else:
+        data = bytes(message)
     return data, {names.HEADER_TYPE: type_name(message)}
 
 
