@@ -22,7 +22,7 @@ from archive.settings import ArchiveSettings
 from chatlib import codec, ids, names, nats_wiring
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
-from devtools.servers import free_port
+from devtools.servers import free_port, url_as
 from nats.js import JetStreamContext
 
 
@@ -72,7 +72,7 @@ def start_archive(
     port = free_port()
     name = f"archive-{len(procs) + 1}"
     settings = {
-        "ARCHIVE_NATS_SERVERS": nats_url,
+        "ARCHIVE_NATS_SERVERS": url_as(nats_url, "archive"),
         "ARCHIVE_DATABASE_URL": database_url,
         "ARCHIVE_HTTP_PORT": str(port),
         "ARCHIVE_HTTP_HOST": "127.0.0.1",

@@ -56,7 +56,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def nats_server(store_dir: Path) -> Iterator[NatsServer | ExternalServer]:
-    """A NATS server with JetStream for the whole session."""
+    """A NATS server with JetStream for the whole session; its `url` is the admin's."""
     if os.environ.get("NATS_URL"):
         yield ExternalServer(os.environ["NATS_URL"])
         return
@@ -66,7 +66,9 @@ def nats_server(store_dir: Path) -> Iterator[NatsServer | ExternalServer]:
         with NatsContainer("nats:2.12-alpine", jetstream=True) as container:
             yield ExternalServer(container.nats_uri(), container)
         return
-    server = NatsServer(store_dir / "nats").start()
+    # The shipped config (accounts, one user per service with its permissions), so every
+    # test runs the services under the permissions they get in compose and Kubernetes.
+    server = NatsServer.deployed(store_dir / "nats").start()
     yield server
     server.stop()
 

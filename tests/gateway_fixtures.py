@@ -32,7 +32,7 @@ import orjson
 import pytest
 import websockets
 from devtools.processes import ServiceProcess
-from devtools.servers import free_port
+from devtools.servers import free_port, url_as
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection
 
@@ -81,7 +81,7 @@ def start_gateways(
             proc = ServiceProcess(
                 "gateway",
                 env={
-                    "GATEWAY_NATS_SERVERS": nats_url,
+                    "GATEWAY_NATS_SERVERS": url_as(nats_url, "gateway"),
                     "GATEWAY_HTTP_PORT": str(port),
                     "GATEWAY_HTTP_HOST": "127.0.0.1",
                     "GATEWAY_INSTANCE_ID": name,

@@ -17,7 +17,7 @@ import pytest
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
-from devtools.servers import free_port
+from devtools.servers import free_port, url_as
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
@@ -46,7 +46,7 @@ class PresenceReplicas:
             proc = ServiceProcess(
                 "presence",
                 env={
-                    "PRESENCE_NATS_SERVERS": self.nats_url,
+                    "PRESENCE_NATS_SERVERS": url_as(self.nats_url, "presence"),
                     "PRESENCE_HTTP_PORT": str(port),
                     "PRESENCE_HTTP_HOST": "127.0.0.1",
                     "PRESENCE_GATEWAY_EXPIRY": str(TEST_GATEWAY_EXPIRY),

@@ -29,7 +29,7 @@ import nats
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
-from devtools.servers import NatsServer, free_port
+from devtools.servers import NatsServer, free_port, url_as
 from gateway.auth import Authenticator
 from gateway.settings import DEV_SECRET, GatewaySettings
 from nats.aio.client import Client as NATS
@@ -74,7 +74,7 @@ class ChatSystem:
     def _env(self, kind: str, name: str, port: int) -> dict[str, str]:
         prefix = kind.upper() + "_"
         env = {
-            prefix + "NATS_SERVERS": ",".join(self.nats_urls),
+            prefix + "NATS_SERVERS": ",".join(url_as(u, kind) for u in self.nats_urls),
             prefix + "HTTP_PORT": str(port),
             prefix + "HTTP_HOST": "127.0.0.1",
             prefix + "INSTANCE_ID": name,
@@ -506,7 +506,7 @@ async def drop_database(admin_url: str, url: str) -> None:
 async def system_run(
     base: Path, pg_admin_url: str, **system_options: Any
 ) -> Any:  # AsyncIterator[SystemRun]
-    nats_server = await asyncio.to_thread(NatsServer(base / "nats").start)
+    nats_server = await asyncio.to_thread(NatsServer.deployed(base / "nats").start)
     database_url = await create_database(pg_admin_url)
     system = ChatSystem([nats_server.url], database_url, base / "logs", **system_options)
     nc: NATS | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from devtools.processes import ServiceProcess
-from devtools.servers import free_port
+from devtools.servers import free_port, url_as
 
 from tests.gateway_fixtures import GatewayProc, start_gateways
 
@@ -96,7 +96,10 @@ def stack(nc: Any, nats_server: Any, logs_dir: Path) -> Iterator[Stack]:
     try:
         if has_entry_point("presence"):
             port = free_port()
-            env = {"PRESENCE_NATS_SERVERS": nats_server.url, "PRESENCE_HTTP_PORT": str(port)}
+            env = {
+                "PRESENCE_NATS_SERVERS": url_as(nats_server.url, "presence"),
+                "PRESENCE_HTTP_PORT": str(port),
+            }
             presence = ServiceProcess("presence", env, port, logs_dir / "presence.log").start()
         with start_gateways(nats_server.url, logs_dir, count=1) as gateways:
             yield Stack(gateways[0], presence)

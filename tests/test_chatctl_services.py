@@ -12,7 +12,7 @@ from chatctl.errors import ChatError
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
-from devtools.servers import free_port
+from devtools.servers import free_port, url_as
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -34,7 +34,7 @@ def archive(
     pytest.importorskip("archive.app", reason="the archive service is not written yet")
     port = free_port()
     env = {
-        "ARCHIVE_NATS_SERVERS": url,
+        "ARCHIVE_NATS_SERVERS": url_as(url, "archive"),
         "ARCHIVE_DATABASE_URL": database_url,
         "ARCHIVE_HTTP_PORT": str(port),
     }
@@ -47,7 +47,7 @@ def archive(
 def presence(js: JetStreamContext, url: str, logs_dir: Path) -> Iterator[ServiceProcess]:
     pytest.importorskip("presence.app", reason="the presence service is not written yet")
     port = free_port()
-    env = {"PRESENCE_NATS_SERVERS": url, "PRESENCE_HTTP_PORT": str(port)}
+    env = {"PRESENCE_NATS_SERVERS": url_as(url, "presence"), "PRESENCE_HTTP_PORT": str(port)}
     proc = ServiceProcess("presence", env, port, logs_dir / "presence.log").start()
     yield proc
     proc.terminate()

@@ -6,37 +6,29 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import nats
+import nats.js.errors
 import pytest
 from chatlib import names, nats_wiring
 from chatlib.settings import CommonSettings
 from devtools import deploy_checks as dc
-from devtools.servers import NatsServer
+from devtools.servers import DEPLOY_NATS_USERS, NatsServer, url_as
 from nats.aio.client import Client as NATS
 
 from tests.waiting import wait_until
 
-PASSWORDS = {
-    u: f"test-{u}" for u in [*dc.nats_permissions(), dc.NATS_ADMIN_USER, dc.NATS_SYSTEM_USER]
-}
-
 
 @pytest.fixture(scope="module")
 def deploy_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """nats-server with deploy/nats/nats.conf, passwords from the environment."""
-    mp = pytest.MonkeyPatch()
-    for user, password in PASSWORDS.items():
-        mp.setenv(dc.password_env(user), password)
-    folder = tmp_path_factory.mktemp("deploy-nats")
-    (folder / "accounts.conf").write_text((dc.ROOT / "deploy/nats/accounts.conf").read_text())
-    conf = (dc.ROOT / "deploy/nats/nats.conf").read_text()
-    # Adapted only where the machine differs: NatsServer gives the store dir (-sd) and
-    # free ports on the command line, and nats-server refuses store_dir twice.
-    conf = "\n".join(line for line in conf.splitlines() if "store_dir:" not in line)
-    server = NatsServer(folder, config=conf)
+    """nats-server with deploy/nats/nats.conf and accounts.conf, test passwords."""
+    server = NatsServer.deployed(tmp_path_factory.mktemp("deploy-nats"))
     server.start()
     yield server
     server.stop()
-    mp.undo()
+
+
+def test_the_test_servers_know_every_user_of_the_accounts_file() -> None:
+    users = {*dc.nats_permissions(), dc.NATS_ADMIN_USER, dc.NATS_SYSTEM_USER}
+    assert set(DEPLOY_NATS_USERS) == users
 
 
 class User:
@@ -61,9 +53,7 @@ async def connect(deploy_nats: NatsServer) -> AsyncIterator[object]:
         async def on_error(exc: Exception) -> None:
             errors.append(str(exc))
 
-        nc = await nats.connect(
-            deploy_nats.url, user=user, password=PASSWORDS[user], error_cb=on_error
-        )
+        nc = await nats.connect(url_as(deploy_nats.url, user), error_cb=on_error)
         clients.append(nc)
         return User(nc, errors)
 
@@ -80,9 +70,7 @@ async def provision_as(user: User) -> None:
 async def test_a_wrong_password_is_refused(deploy_nats: NatsServer) -> None:
     with pytest.raises(Exception):  # noqa: B017 - nats-py raises several kinds here
         await nats.connect(
-            deploy_nats.url,
-            user="gateway",
-            password="wrong",
+            deploy_nats.url.replace("admin:test-admin", "gateway:wrong"),
             max_reconnect_attempts=0,
             allow_reconnect=False,
         )
@@ -166,3 +154,27 @@ def test_permissions_cover_the_subjects_of_every_contract() -> None:
     assert names.PRESENCE_EVENTS_ALL in perms["presence"].publish_allow
     for user in ("archive", "presence"):
         assert not any(s.startswith(names.CHAT_PREFIX + ".") for s in perms[user].publish_allow)
+
+
+async def test_archive_hears_max_deliveries_and_removes_the_task_it_parked(connect) -> None:  # type: ignore[no-untyped-def]
+    """What parking a task JetStream gave up on needs: the advisory and a message delete
+    on ARCHIVE, and nothing more (no deletes on the chat log)."""
+    archive = await connect("archive")
+    await provision_as(archive)
+    advisories = await archive.nc.subscribe(
+        names.ADVISORY_ARCHIVE_MAX_DELIVERIES, queue=names.QUEUE_ARCHIVE
+    )
+    admin = await connect(dc.NATS_ADMIN_USER)
+    js = admin.nc.jetstream()
+    task = await js.publish(names.ARCHIVE_TASKS, b"task")
+    await admin.nc.publish(names.ADVISORY_ARCHIVE_MAX_DELIVERIES, b"{}")  # as JetStream does
+    assert (await advisories.next_msg(timeout=5)).data == b"{}"
+    await archive.nc.jetstream().delete_msg(names.STREAM_ARCHIVE, task.seq)
+    chat = await js.publish(names.room_subject("lobby"), b"hi")
+    with pytest.raises(Exception):  # noqa: B017 - the request is dropped: a timeout
+        await archive.nc.jetstream().delete_msg(names.STREAM_CHAT, chat.seq)
+    delete_chat = f"$JS.API.STREAM.MSG.DELETE.{names.STREAM_CHAT}"
+    await wait_until(lambda: archive.refused(delete_chat), "archive refused a CHAT delete")
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await js.get_msg(names.STREAM_ARCHIVE, task.seq)
+    assert (await js.get_msg(names.STREAM_CHAT, chat.seq)).data == b"hi"

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
+import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
-from chatlib import codec, names
+from chatlib import codec, ids, names
 from chatlib.proto.chat import v1 as pb
-from devtools.servers import PostgresServer
+from devtools.servers import PostgresServer, nats_test_password
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
+from tests.reference_protobuf import ROOT, field_by_field, official, protobufjs, protobufjs_dir
 from tests.system_fixtures import (
     SystemRun,
     archived_id_counts,
@@ -138,3 +142,74 @@ async def _online(run: SystemRun, users: list[str]) -> bool:
         return await who_is_online(run.nc) == users
     except Exception:
         return False
+
+
+async def test_a_message_from_another_protobuf_library_is_delivered_stored_and_served(
+    run: SystemRun,
+) -> None:
+    """A producer that is not our encoder (protobufjs, fields in another order) gets its
+    message delivered live, archived once and served by history; a history request with
+    its fields out of order (Google's serializer, one field at a time) is answered."""
+    message_id = ids.new_id()
+    parts = [
+        {"content": "hello from node", "ts_ms": 1_700_000_000_123},
+        {"id": message_id, "room": "lobby", "sender": "nodebot"},
+    ]
+    data = bytes.fromhex(protobufjs("encode", "chat.v1.ChatMessage", json.dumps(parts)))
+    headers = {names.HEADER_TYPE: "chat.v1.ChatMessage", names.HEADER_MSG_ID: message_id}
+    async with connect(run.ws_url(), open_timeout=5, ping_interval=None) as ws:
+        await ws.send(json.dumps({"type": "hello", "v": 1, "token": mint_token("alice")}))
+        while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "welcome":
+            pass
+        ack = await run.nc.jetstream().publish(names.room_subject("lobby"), data, headers=headers)
+        assert ack.stream == names.STREAM_CHAT
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame["type"] == "message":
+                break
+    assert (frame["id"], frame["content"], frame["seq"]) == (message_id, "hello from node", ack.seq)
+
+    async def archived() -> bool:
+        return (await archived_id_counts(run.database_url))[message_id] == 1
+
+    await wait_until(archived, "the message is archived once", timeout=15, interval=0.2)
+    ref = official().HistoryRequest(room="lobby", requester="alice", limit=10)
+    request = field_by_field(ref, random.Random(3), explicit_defaults=True)
+    assert request != ref.SerializeToString()
+    reply = await run.nc.request(names.HISTORY_ROOM, request, timeout=5)
+    assert "Nats-Service-Error-Code" not in (reply.headers or {}), reply.headers
+    page = codec.decode_as(pb.HistoryPage, reply.data, dict(reply.headers or {}))
+    assert [m.id for m in page.messages if m.id == message_id] == [message_id]
+
+
+async def test_the_readmes_javascript_example_reads_a_history_page(run: SystemRun) -> None:
+    """The nats.js + protobufjs example in the README runs as written and prints the page
+    as the documented JSON (snake_case names, ts_ms a number)."""
+    sent = await chat_once(run.ws_url(), "alice", "for-the-js-example")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### From other languages (JavaScript)", 1)[1]
+    example = section.split("```js\n", 1)[1].split("```", 1)[0]
+    folder = protobufjs_dir()
+    script = folder / "readme_example.mjs"  # beside node_modules, so imports resolve
+    script.write_text(example)
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["node", str(script)],
+            cwd=ROOT,  # the example loads protos/ from the repository root
+            env={
+                **os.environ,
+                "NATS_URL": f"nats://127.0.0.1:{run.nats.port}",
+                "NATS_ADMIN_PASSWORD": nats_test_password("admin"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        script.unlink()
+    assert done.returncode == 0, done.stderr
+    page = json.loads(done.stdout)
+    mine = [m for m in page["messages"] if m["id"] == sent]
+    assert mine and mine[0]["content"] == "for-the-js-example"
+    assert mine[0]["dm_peer"] == "" and isinstance(mine[0]["ts_ms"], int)

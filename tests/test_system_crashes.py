@@ -120,7 +120,7 @@ async def wait_acked(load: Load, target: int, what: str, timeout: float = 60.0) 
 
 async def crash_run(tmp: Path, total: int, rate: float) -> None:
     """The whole scenario; `total` messages at about `rate` per second."""
-    nats_server = await asyncio.to_thread(NatsServer(tmp / "nats").start)
+    nats_server = await asyncio.to_thread(NatsServer.deployed(tmp / "nats").start)
     pg = await asyncio.to_thread(PostgresServer(tmp / "pg").start)
     database_url = await create_database(pg.url)
     system = ChatSystem([nats_server.url], database_url, tmp / "logs")

@@ -4,7 +4,6 @@ consumer and its worker, the history micro service, health and metrics."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +12,7 @@ import nats.micro
 import orjson
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
+from chatlib.tasks import CriticalTasks
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 HistoryHandler = Callable[[asyncpg.Pool, pb.HistoryRequest, int], Awaitable[bytes]]
+# A misconfiguration is not fixed in milliseconds: retry it, but not in a tight loop.
+REFUSED_RETRY_CAP = 15.0
 PAGE_HEADERS = {names.HEADER_TYPE: codec.type_name(pb.HistoryPage())}
 
 
@@ -44,6 +46,7 @@ class ArchiveService:
         self.db_up = False
         self.consuming = False
         self.stopping = False
+        self.tasks = CriticalTasks()
         self._main: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._advisories: Subscription | None = None
@@ -71,12 +74,15 @@ class ArchiveService:
         self._advisories = await nc.subscribe(
             names.ADVISORY_ARCHIVE_MAX_DELIVERIES, queue=names.QUEUE_ARCHIVE, cb=self._exhausted
         )
-        self._main = asyncio.create_task(self._consume(), name="archive-consume")
-        self._monitor = asyncio.create_task(self._watch(), name="archive-monitor")
+        self._main = self.tasks.spawn(self._consume(), name="archive-consume")
+        self._monitor = self.tasks.spawn(self._watch(), name="archive-monitor")
 
     def ready(self) -> bool:
         connected = self.nc is not None and self.nc.is_connected
         return connected and self.consuming and self.db_up and not self.stopping
+
+    def alive(self) -> bool:
+        return self.tasks.alive()
 
     async def stop_intake(self) -> None:
         self.stopping = True
@@ -96,8 +102,8 @@ class ArchiveService:
             return
         if self.worker is None:
             self._main.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._main
+        # wait, not await: a task that died has been logged already (chatlib.tasks).
+        await asyncio.wait({self._main})
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -122,7 +128,9 @@ class ArchiveService:
         await self.worker.run()
 
     async def _open_database(self) -> asyncpg.Pool:
-        """Pool + migrations, retried with backoff until Postgres answers."""
+        """Pool + migrations, retried with backoff until Postgres answers. A refusal (no
+        such database, wrong password, unknown role) is retried too, since an operator
+        may fix it while we wait, but logged as an error with its SQLSTATE each time."""
         attempt = 0
         while True:
             try:
@@ -140,8 +148,17 @@ class ArchiveService:
             except handlers.DB_UNAVAILABLE as exc:
                 delay = backoff(attempt, base=0.2)
                 log.warning("postgres not reachable (%s); retrying in %.2fs", exc, delay)
-                attempt += 1
-                await asyncio.sleep(delay)
+            except asyncpg.PostgresError as exc:
+                delay = backoff(attempt, base=0.5, cap=REFUSED_RETRY_CAP)
+                log.error(
+                    "postgres refused the archive (SQLSTATE %s: %s); check "
+                    "ARCHIVE_DATABASE_URL; retrying in %.2fs",
+                    exc.sqlstate,
+                    handlers.one_line(str(exc)),
+                    delay,
+                )
+            attempt += 1
+            await asyncio.sleep(delay)
 
     async def _bind_consumer(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         """Create (or update to the current settings) the durable consumer every replica

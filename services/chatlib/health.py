@@ -16,11 +16,16 @@ log = logging.getLogger(__name__)
 HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
-def probe_response(path: str, ready: Callable[[], bool]) -> tuple[int, str, bytes]:
+def probe_response(
+    path: str, ready: Callable[[], bool], alive: Callable[[], bool] = lambda: True
+) -> tuple[int, str, bytes]:
     """(status, content type, body) for one of HEALTH_PATHS; 404 for anything else."""
     if path == "/healthz":
-        # Alive means the event loop answers; NATS outages are for /readyz to report,
-        # since restarting the process would not bring NATS back.
+        # Alive means the event loop answers and no background task the service needs
+        # has died (chatlib.tasks); NATS or Postgres outages are for /readyz to report,
+        # since restarting the process would not bring them back.
+        if not alive():
+            return 503, "text/plain", b"failed\n"
         return 200, "text/plain", b"ok\n"
     if path == "/readyz":
         ok = ready()
@@ -33,8 +38,14 @@ def probe_response(path: str, ready: Callable[[], bool]) -> tuple[int, str, byte
 class HealthServer:
     """A minimal HTTP/1.1 server for the three probe paths."""
 
-    def __init__(self, host: str, port: int, ready: Callable[[], bool]) -> None:
-        self.host, self.port, self.ready = host, port, ready
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.host, self.port, self.ready, self.alive = host, port, ready, alive
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -53,7 +64,7 @@ class HealthServer:
                 pass
             parts = request_line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
-            status, ctype, body = probe_response(path, self.ready)
+            status, ctype, body = probe_response(path, self.ready, self.alive)
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"

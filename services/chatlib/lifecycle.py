@@ -41,6 +41,8 @@ class Service(Protocol):
 
     def ready(self) -> bool: ...
 
+    def alive(self) -> bool: ...
+
 
 async def serve(service: Service, settings: CommonSettings, stop: asyncio.Event) -> None:
     ident = nats_wiring.instance_id(settings, service.name)
@@ -48,31 +50,29 @@ async def serve(service: Service, settings: CommonSettings, stop: asyncio.Event)
     js = nc.jetstream()
     await nats_wiring.provision(js, settings)
     await service.start(nc, js)
-    health = HealthServer(settings.http_host, settings.http_port, service.ready)
+    health = HealthServer(settings.http_host, settings.http_port, service.ready, service.alive)
     await health.start()
     log.info("%s started", service.name, extra={"instance": ident})
 
     await stop.wait()
     log.info("%s stopping", service.name)
-
-    # 1. Stop intake first so no new work starts while we wait for the old to finish.
-    await service.stop_intake()
-    # 2. Finish in-flight work (a batch being committed, a request being answered), but
-    #    never longer than drain_timeout: the orchestrator kills us soon after anyway, and
-    #    unacked work is redelivered to another replica.
     try:
-        await asyncio.wait_for(service.finish_inflight(), settings.drain_timeout)
-    except TimeoutError:
-        log.warning("in-flight work not finished within %.1fs", settings.drain_timeout)
-    # 3. Drain NATS: flushes pending publishes and acks, then closes the connection.
-    try:
-        await asyncio.wait_for(nc.drain(), settings.drain_timeout)
-    except Exception as exc:  # a NATS that is down cannot be drained; we still stop
-        log.warning("nats drain failed: %s", exc)
-        await nc.close()
-    # 4. Close pools last: the in-flight work above may still have needed them.
-    await service.close()
-    await health.stop()
+        # 1. Stop intake first so no new work starts while we wait for the old to finish.
+        await service.stop_intake()
+        # 2. Finish in-flight work (a batch being committed, a request being answered), but
+        #    never longer than drain_timeout: the orchestrator kills us soon after anyway,
+        #    and unacked work is redelivered to another replica.
+        try:
+            await asyncio.wait_for(service.finish_inflight(), settings.drain_timeout)
+        except TimeoutError:
+            log.warning("in-flight work not finished within %.1fs", settings.drain_timeout)
+        # 3. Drain NATS: flushes pending publishes and acks, then closes the connection.
+        await nats_wiring.close(nc, settings.drain_timeout)
+    finally:
+        # 4. Close pools last (the in-flight work above may still have needed them), and
+        #    whatever went wrong above: NATS may be down, the database may be down.
+        await service.close()
+        await health.stop()
     log.info("%s stopped", service.name)
 
 

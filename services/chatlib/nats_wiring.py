@@ -31,6 +31,21 @@ def instance_id(settings: CommonSettings, service: str) -> str:
     return f"{service}-{clean}-{os.getpid()}"
 
 
+async def close(nc: NATS, timeout: float) -> None:
+    """Drain (pending publishes and acks go out), else close; never raises. A NATS that is
+    down cannot be drained, and closing a connection that is reconnecting can itself fail
+    (uvloop raises RuntimeError on its half-closed transport): the process stops anyway."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout)
+        return
+    except Exception as exc:
+        log.warning("nats drain failed: %s", exc or type(exc).__name__)
+    try:
+        await asyncio.wait_for(nc.close(), timeout)
+    except Exception as exc:
+        log.warning("nats close failed: %s", exc or type(exc).__name__)
+
+
 async def connect(
     settings: CommonSettings,
     name: str,

@@ -27,6 +27,10 @@ import yaml
 from chatlib import names
 from pydantic_settings import BaseSettings
 
+# Environment variables nats-server reads for the passwords (compose and k8s set them
+# from the operator's secrets).
+from devtools.servers import password_env
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "presence", "archive")
 
@@ -114,12 +118,16 @@ JS_ACK_ALL = "$JS.ACK.>"
 JS_FLOW_CONTROL = "$JS.FC.>"  # ordered/push consumers answer flow-control requests
 INBOX_ALL = "_INBOX.>"
 MICRO_ALL = "$SRV.>"  # PING/INFO/STATS discovery of nats micro services
-# No service ever deletes or purges: that is an operator's job (admin user).
-DESTRUCTIVE_JS_API = (
-    "$JS.API.STREAM.DELETE.>",
-    "$JS.API.STREAM.PURGE.>",
-    "$JS.API.STREAM.MSG.DELETE.>",
-)
+# No service deletes or purges a stream: that is an operator's job (admin user).
+DESTRUCTIVE_JS_API = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>")
+# Single messages a service may delete: the archive removes a task it parked in the dead
+# letters after JetStream gave up delivering it (max deliveries). Deny wins over allow in
+# NATS, so the other streams are denied one by one rather than with a wildcard.
+DELETES_FROM = {"archive": (names.STREAM_ARCHIVE,)}
+
+
+def msg_delete_subject(stream: str) -> str:
+    return f"$JS.API.STREAM.MSG.DELETE.{stream}"
 
 
 def consumer_api_denies(stream: str) -> list[str]:
@@ -135,7 +143,16 @@ def consumer_api_denies(stream: str) -> list[str]:
 
 def jetstream_denies(service: str) -> list[str]:
     denied = [s for s in ALL_STREAMS if s not in CONSUMES[service]]
-    return [*DESTRUCTIVE_JS_API, *(d for s in denied for d in consumer_api_denies(s))]
+    may_delete = DELETES_FROM.get(service, ())
+    if may_delete:
+        deletes = [msg_delete_subject(s) for s in ALL_STREAMS if s not in may_delete]
+    else:
+        deletes = [msg_delete_subject(">")]
+    return [
+        *DESTRUCTIVE_JS_API,
+        *deletes,
+        *(d for s in denied for d in consumer_api_denies(s)),
+    ]
 
 
 def kv_subject(bucket: str) -> str:
@@ -186,16 +203,16 @@ def nats_permissions() -> dict[str, Permissions]:
         "archive": Permissions(
             publish_allow=[names.DEAD_LETTER_ARCHIVE, *jetstream],
             publish_deny=jetstream_denies("archive"),
-            subscribe_allow=[names.HISTORY_ROOM, names.HISTORY_DM, MICRO_ALL, INBOX_ALL],
+            subscribe_allow=[
+                names.HISTORY_ROOM,
+                names.HISTORY_DM,
+                names.ADVISORY_ARCHIVE_MAX_DELIVERIES,  # tasks JetStream gave up on
+                MICRO_ALL,
+                INBOX_ALL,
+            ],
             allow_responses=True,
         ),
     }
-
-
-# Environment variables nats-server reads for the passwords (compose and k8s set them
-# from the operator's secrets).
-def password_env(user: str) -> str:
-    return f"NATS_{user.upper()}_PASSWORD"
 
 
 NATS_ACCOUNT = "CHAT"

@@ -15,9 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 PG_SYSTEM_USER = "chatpg"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY_NATS = ROOT / "deploy" / "nats"
+# The users of deploy/nats/accounts.conf: one per service, the operators' admin, and the
+# system account's user. The tests give each the password `test-<user>`.
+DEPLOY_NATS_USERS = ("gateway", "presence", "archive", "admin", "sys")
 
 
 def free_port() -> int:
@@ -50,8 +56,32 @@ def nats_server_binary() -> str:
     return found
 
 
+def nats_test_password(user: str) -> str:
+    return f"test-{user}"
+
+
+def url_as(url: str, user: str) -> str:
+    """`url` with `user`'s test credentials in place of the ones it carries; a URL without
+    credentials (a server with no accounts) is returned as it is."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.username:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:{nats_test_password(user)}@{host}").geturl()
+
+
+def password_env(user: str) -> str:
+    """The environment variable deploy/nats/accounts.conf reads `user`'s password from."""
+    return f"NATS_{user.upper()}_PASSWORD"
+
+
 class NatsServer:
-    """A nats-server with JetStream. `config` (text) replaces the command-line setup."""
+    """A nats-server with JetStream. `config` (text) replaces the command-line setup.
+
+    `NatsServer.deployed(...)` runs the shipped config instead: deploy/nats/nats.conf with
+    its accounts and per-service permissions. Its `url` then carries the admin user's
+    credentials; `url_as(server.url, "archive")` is the URL the archive connects with.
+    """
 
     def __init__(
         self,
@@ -60,6 +90,8 @@ class NatsServer:
         config: str | None = None,
         extra_args: list[str] | None = None,
         log_file: Path | None = None,
+        env: dict[str, str] | None = None,
+        user: str = "",
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
@@ -67,11 +99,27 @@ class NatsServer:
         self.config = config
         self.extra_args = extra_args or []
         self.log_file = log_file or self.store_dir / "nats-server.log"
+        self.env = env or {}
+        self.user = user
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def deployed(cls, store_dir: Path, port: int | None = None) -> NatsServer:
+        """A server with deploy/nats/nats.conf and accounts.conf, adapted only where the
+        machine differs: free ports and the store dir come from the command line (and
+        nats-server refuses a store_dir given twice)."""
+        store_dir = Path(store_dir)
+        store_dir.mkdir(parents=True, exist_ok=True)
+        (store_dir / "accounts.conf").write_text((DEPLOY_NATS / "accounts.conf").read_text())
+        conf = (DEPLOY_NATS / "nats.conf").read_text().splitlines()
+        config = "\n".join(line for line in conf if "store_dir:" not in line)
+        env = {password_env(u): nats_test_password(u) for u in DEPLOY_NATS_USERS}
+        return cls(store_dir, port=port, config=config, env=env, user="admin")
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        plain = f"nats://127.0.0.1:{self.port}"
+        return url_as(f"nats://x:x@127.0.0.1:{self.port}", self.user) if self.user else plain
 
     def start(self) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +133,9 @@ class NatsServer:
             "-js", "-sd", str(self.store_dir / "js"), *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+        )
         wait_for_port(self.port, proc=self.proc)
         wait_for_port(self.monitor_port, proc=self.proc)
         self._wait_jetstream()

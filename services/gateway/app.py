@@ -383,11 +383,7 @@ async def serve(settings: GatewaySettings) -> None:
     stop_task.cancel()
     await gateway.close()
     # 4. Drain NATS last: presence 'closed' events and pending publishes go out.
-    try:
-        await asyncio.wait_for(nc.drain(), settings.drain_timeout)
-    except Exception as exc:
-        log.warning("nats drain failed: %s", exc)
-        await nc.close()
+    await nats_wiring.close(nc, settings.drain_timeout)
     log.info("gateway stopped")
 
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import betterproto2
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
+from chatlib.tasks import CriticalTasks
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -48,7 +49,7 @@ class PresenceService:
         self._store: Store | None = None
         self._subs: list[Subscription] = []
         self._micro: MicroService | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._critical = CriticalTasks()
         self._inflight: set[asyncio.Task[None]] = set()
         self._gate = asyncio.Semaphore(MAX_INFLIGHT)
         self._watcher: Any = None
@@ -110,9 +111,7 @@ class PresenceService:
         if self._micro is not None:
             with contextlib.suppress(Exception):
                 await self._micro.stop()
-        for task in list(self._tasks):
-            if task.get_name() == "presence-sweeper":
-                task.cancel()
+        self._critical.cancel("presence-sweeper")
 
     async def finish_inflight(self) -> None:
         # Reports already taken finish their compare-and-set and publish their events, so a
@@ -121,9 +120,10 @@ class PresenceService:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._critical.stop()
+
+    def alive(self) -> bool:
+        return self._critical.alive()
 
     def ready(self) -> bool:
         return (
@@ -205,9 +205,7 @@ class PresenceService:
             metrics.CONNECTIONS.set(self.mirror.connections)
 
     def _spawn_forever(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(work, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._critical.spawn(work, name=name)
 
     # --- Who is online ---------------------------------------------------------------
     async def _who(self, request: Request) -> None:
