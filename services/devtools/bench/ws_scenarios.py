@@ -266,7 +266,7 @@ def latency(ctx: Ctx) -> Run:
 
 # --- 3. durable send --------------------------------------------------------------------
 def _durable_once(
-    ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str
+    ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str, retry: bool = False
 ) -> dict[str, Any]:
     duration = ctx.scaled(15, 4)
     conns = [
@@ -274,7 +274,7 @@ def _durable_once(
         for i in range(senders)
     ]
     plans = [
-        Plan("durable", part, {"window": 4, "concurrency": 100})
+        Plan("durable", part, {"window": 4, "concurrency": 100, "retry": retry})
         for part in _split(conns, ctx.workers)
     ]
     fleet = Fleet(plans)
@@ -300,6 +300,24 @@ def _durable_once(
     }
 
 
+# The gateway with the idempotency check (request hash on every publish, compared with
+# the stored one on every duplicate) switched off: only to measure what the check costs.
+_NO_IDEMPOTENCY_CHECK = {"GATEWAY_IDEMPOTENCY_CHECK": "false"}
+
+
+def _request_hash_us() -> float:
+    """Microseconds the gateway spends per send on the request hash (in this process)."""
+    from chatlib import idempotency
+    from chatlib.proto.chat import v1 as pb
+
+    msg = pb.ChatMessage(room="dur1", content="t=0", sender="d-d1", client_id="0" * 16)
+    n = 100_000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        idempotency.fingerprint(msg)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def durable(ctx: Ctx) -> Run:
     senders = ctx.scaled(200, 50)
     with Cluster(ctx.workdir / "durable-baseline") as c:
@@ -316,7 +334,41 @@ def durable(ctx: Ctx) -> Run:
             passed=gw["acks_per_s"] >= 5000,
         ),
     ]
-    return Run("durable", figs, {"gateway": gw, "baseline": base})
+    details: dict[str, Any] = {"gateway": gw, "baseline": base}
+    if not ctx.gateway_urls:  # the check's cost needs gateways we start ourselves
+        details.update(_idempotency_cost(ctx, senders, gw))
+        off, retry, retry_off = details["no_check"], details["retry"], details["retry_no_check"]
+        figs += [
+            Figure(
+                "durable send with the idempotency check (baseline: check off)",
+                gw["acks_per_s"],
+                "msg/s",
+                baseline=off["acks_per_s"],
+            ),
+            Figure(
+                "durable send, each message twice (half replays), check (baseline: off)",
+                retry["acks_per_s"],
+                "acks/s",
+                baseline=retry_off["acks_per_s"],
+            ),
+            Figure("request hash per send (in-process)", _request_hash_us(), "us"),
+        ]
+    return Run("durable", figs, details)
+
+
+def _idempotency_cost(ctx: Ctx, senders: int, with_check: dict[str, Any]) -> dict[str, Any]:
+    """The same load with the idempotency check off; and a retry load (each send twice)
+    with it on and off, for its cost on the duplicate path (get_msg + compare)."""
+    out: dict[str, Any] = {}
+    runs = [
+        ("no_check", _NO_IDEMPOTENCY_CHECK, False),
+        ("retry", {}, True),
+        ("retry_no_check", _NO_IDEMPOTENCY_CHECK, True),
+    ]
+    for key, env, retry in runs:
+        with Cluster(ctx.workdir / f"durable-{key}", gateway_env=env) as c:
+            out[key] = _durable_once(ctx, c, _gateways(ctx, c, 1)[0], senders, key[:2], retry)
+    return out
 
 
 # --- 6. connections ---------------------------------------------------------------------
