@@ -23,7 +23,8 @@ def message(**fields: object) -> pb.ChatMessage:
 def test_a_retry_has_the_same_fingerprint_whatever_id_time_or_gateway() -> None:
     retry = message(id="01JBBBBBBBBBBBBBBBBBBBBBBB", ts_ms=99)
     assert idempotency.fingerprint(retry) == idempotency.fingerprint(message())
-    assert len(idempotency.fingerprint(retry)) == 32
+    assert idempotency.fingerprint(retry).startswith(idempotency.HASH_SCHEME)
+    assert len(idempotency.fingerprint(retry)) == len(idempotency.HASH_SCHEME) + 32
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,9 @@ def test_check_replay_compares_with_the_stored_header_or_the_stored_fields() -> 
         with pytest.raises(idempotency.IdempotencyConflict) as err:
             idempotency.check_replay(other, "k1", data, stored_headers)
         assert err.value.client_id == "k1" and "different" in str(err.value)
+    # A hash of an unknown scheme is not compared: the stored fields are.
+    unknown = {**headers, names.HEADER_REQUEST_HASH: "zz:" + expected}
+    idempotency.check_replay(expected, "k1", data, unknown)
     # What cannot be read cannot be a replay of anything.
     with pytest.raises(idempotency.IdempotencyConflict):
         idempotency.check_replay(expected, "k1", b"\xff\xff", headers)

@@ -43,16 +43,21 @@ class IdempotencyConflict(Exception):
         self.client_id = client_id
 
 
+# Names the hash below. A stored hash of another scheme (a future change of it, during a
+# rolling upgrade) is not compared: the stored message's fields are hashed instead.
+HASH_SCHEME = "b2:"
+
+
 def request_hash(kind: str, *parts: str) -> str:
     """A hash of one request: its kind (payload type and target kind) and its parts.
     Each part is length-prefixed, so no choice of content can collide by shifting a
-    separator. 128 bits of BLAKE2b, as 32 hex characters."""
+    separator. 128 bits of BLAKE2b, as 32 hex characters after the scheme's prefix."""
     h = hashlib.blake2b(digest_size=16)
     for part in (kind, *parts):
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big"))
         h.update(raw)
-    return h.hexdigest()
+    return HASH_SCHEME + h.hexdigest()
 
 
 def fingerprint(message: pb.ChatMessage) -> str:
@@ -67,8 +72,8 @@ def fingerprint(message: pb.ChatMessage) -> str:
 def stored_fingerprint(data: bytes, headers: Mapping[str, str] | None) -> str:
     """The request hash of a stored message: its header, or (a message stored before
     the header existed) computed from its fields. '' when it cannot be known."""
-    found = (headers or {}).get(names.HEADER_REQUEST_HASH)
-    if found:
+    found = (headers or {}).get(names.HEADER_REQUEST_HASH, "")
+    if found.startswith(HASH_SCHEME):
         return found
     try:
         return fingerprint(codec.decode_as(pb.ChatMessage, data, dict(headers or {})))

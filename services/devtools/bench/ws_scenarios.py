@@ -351,6 +351,18 @@ def durable(ctx: Ctx) -> Run:
                 "acks/s",
                 baseline=cost["retry"]["off"],
             ),
+            Figure(
+                "gateway CPU per acked send with the check (baseline: off)",
+                cost["fresh"]["cpu_us_on"],
+                "us",
+                baseline=cost["fresh"]["cpu_us_off"],
+            ),
+            Figure(
+                "gateway CPU per ack, half replays, with the check (baseline: off)",
+                cost["retry"]["cpu_us_on"],
+                "us",
+                baseline=cost["retry"]["cpu_us_off"],
+            ),
             Figure("request hash per send (in-process)", _request_hash_us(), "us"),
         ]
     return Run("durable", figs, details)
@@ -366,15 +378,31 @@ def _idempotency_cost(ctx: Ctx, senders: int) -> dict[str, Any]:
     with Cluster(ctx.workdir / "durable-idempotency") as c:
         on = _gateways(ctx, c, 1)[0]
         off = ("127.0.0.1", c.gateway("bench-gw-nocheck", _NO_IDEMPOTENCY_CHECK)[1].port)
+        proc_of = {p.port: p.name for _, p in c.services}
         for load, retry in (("fresh", False), ("retry", True)):
-            runs: dict[str, list[float]] = {"on": [], "off": []}
+            rates: dict[str, list[float]] = {"on": [], "off": []}
+            cpu_us: dict[str, list[float]] = {"on": [], "off": []}
             for i, check in enumerate(("on", "off", "off", "on")):
                 target = on if check == "on" else off
                 tag = f"{load[0]}{check}{i}"
                 result = _durable_once(ctx, c, target, senders, tag, retry)
-                runs[check].append(result["acks_per_s"])
-            out[load] = {k: sum(v) / len(v) for k, v in runs.items()} | {"runs": runs}
+                rates[check].append(result["acks_per_s"])
+                # The loaded gateway's CPU per ack: steadier than a rate on a shared machine.
+                share = result["server_cpu"].get(proc_of[target[1]], 0.0)
+                cpu_us[check].append(share / max(result["acks_per_s"], 1e-9) * 1e6)
+            out[load] = {
+                "on": _mean(rates["on"]),
+                "off": _mean(rates["off"]),
+                "cpu_us_on": _mean(cpu_us["on"]),
+                "cpu_us_off": _mean(cpu_us["off"]),
+                "runs": rates,
+                "cpu_us_runs": cpu_us,
+            }
     return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 # --- 6. connections ---------------------------------------------------------------------
