@@ -96,7 +96,12 @@ async def test_send_retry_with_the_same_client_id_is_not_stored_twice(
     args = ("-s", url, "send", "--room", "ops", "--client-id", "job-42", "once")
     first, second = await run_chatctl(*args), await run_chatctl(*args)
     assert first.code == second.code == 0
-    assert first.lines()[0]["seq"] == second.lines()[0]["seq"]
+    assert first.lines() == [{"id": first.lines()[0]["id"], "seq": 1}]
+    assert second.lines() == [{**first.lines()[0], "duplicate": True}]
+    # The key reused for another message: refused, exit 1, nothing stored.
+    other = await run_chatctl("-s", url, "send", "--room", "ops", "--client-id", "job-42", "twice")
+    assert other.code == 1 and not other.out
+    assert "job-42" in other.err and "different" in other.err
     assert (await js.stream_info(names.STREAM_CHAT)).state.messages == 1
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import nats.errors
 import pytest
 from chatctl.client import ChatClient, StreamedMessage
-from chatctl.errors import NatsUnreachable, UsageError
+from chatctl.errors import IdempotencyConflict, NatsUnreachable, UsageError
 from chatlib import names
 from devtools.servers import free_port
 from nats.js import JetStreamContext
@@ -54,6 +54,22 @@ async def test_send_returns_id_and_seq_and_refuses_bad_names(client: ChatClient)
         await client.send(room="Lobby!", content="x", sender="bot")
     with pytest.raises(UsageError):
         await client.send(room="lobby", to="ann", content="x", sender="bot")
+
+
+async def test_a_client_id_is_an_idempotency_key_a_retry_replays_another_message_conflicts(
+    client: ChatClient, js: JetStreamContext
+) -> None:
+    first = await client.send(room="lobby", content="hi", sender="bot", client_id="k1")
+    assert first.duplicate is False
+    again = await client.send(room="lobby", content="hi", sender="bot", client_id="k1")
+    assert tuple(again) == tuple(first) and again.duplicate is True
+    # Same key, another sender: another key (the key is sender + client_id).
+    other_sender = await client.send(room="lobby", content="hi", sender="bob", client_id="k1")
+    assert other_sender.seq == 2 and not other_sender.duplicate
+    for room, to, content in (("lobby", None, "hi!"), ("dev", None, "hi"), (None, "ann", "hi")):
+        with pytest.raises(IdempotencyConflict, match="k1"):
+            await client.send(room=room, to=to, content=content, sender="bot", client_id="k1")
+    assert (await js.stream_info(names.STREAM_CHAT)).state.messages == 2
 
 
 async def test_stream_replays_from_since_then_continues_live_for_its_rooms_only(

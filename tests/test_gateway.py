@@ -114,8 +114,11 @@ async def test_a_retried_send_yields_one_message_even_through_another_gateway(
         await alice_b.send_room("lobby", "only once", client_id="retry-1")
         acks = await alice_a.expect_count(2, type="ack", client_id=cid)
         again = await alice_b.expect(type="ack", client_id=cid)
+        assert "duplicate" not in first
         for ack in [*acks, again]:
             assert (ack["id"], ack["seq"], ack["ts"]) == (first["id"], first["seq"], first["ts"])
+        # Only the retries say they are replays.
+        assert [ack.get("duplicate") for ack in [*acks, again]] == [None, True, True]
         await bob.send_room("lobby", "marker")
         await alice_a.expect(type="message", content="marker")
         assert len(bob.messages(content="only once")) == 1

@@ -111,6 +111,65 @@ async def test_rate_limit_refuses_the_excess_and_closes_only_abusive_floods(
         await assert_still_serving(alice)
 
 
+async def test_reads_and_writes_have_separate_budgets_and_both_count_towards_abuse(
+    nc: NATS, nats_server: Any, logs_dir: Path
+) -> None:
+    """Issue 20: paging back (history, join, leave) never spends the budget for sending,
+    and a burst of sends never blocks reading. Both buckets refill at 1 per 100 s here,
+    so a token cannot come back while the test runs."""
+    env = {
+        "GATEWAY_RATE_PER_SECOND": "0.01",
+        "GATEWAY_RATE_BURST": "3",
+        "GATEWAY_READ_RATE_PER_SECOND": "0.01",
+        "GATEWAY_READ_RATE_BURST": "5",
+        "GATEWAY_ABUSE_MAX_VIOLATIONS": "12",
+    }
+    with start_gateways(nats_server.url, logs_dir, 1, env) as (gw,):
+        status, config = await asyncio.to_thread(http_json, gw, "/api/config")
+        assert status == 200
+        limits = config["limits"]
+        assert (limits["rate_per_second"], limits["rate_burst"]) == (0.01, 3)
+        assert (limits["read_rate_per_second"], limits["read_rate_burst"]) == (0.01, 5)
+        async with clients(
+            ChatClient.connect(gw, "alice"),
+            ChatClient.connect(gw, "bob"),
+            ChatClient.connect(gw, "carol"),
+        ) as (alice, bob, carol):
+            # alice spends her whole read budget, and more, paging and joining.
+            for _ in range(4):
+                await alice.send({"type": "history", "room": "lobby", "limit": 10})
+            await alice.send({"type": "join", "room": "dev"})
+            await alice.send({"type": "leave", "room": "dev"})
+            refused = await alice.expect_count(1, type="error", code="rate_limited")
+            assert refused[0]["ref"] == "leave"
+            # ... and can still send: three sends, three acks.
+            for i in range(3):
+                await alice.send_room("lobby", f"after paging {i}")
+            await alice.expect_count(3, type="ack")
+            assert len(alice.matching(type="error", code="rate_limited")) == 1
+
+            # bob spends his whole write budget, and more ...
+            for _ in range(4):
+                await bob.send({"type": "typing", "room": "lobby"})
+            await bob.expect(type="error", code="rate_limited", ref="typing")
+            # ... and can still read.
+            await bob.send({"type": "join", "room": "dev"})
+            await bob.expect(type="joined", room="dev")
+            await bob.send({"type": "leave", "room": "dev"})
+            await bob.expect(type="left", room="dev")
+            assert len(bob.matching(type="error", code="rate_limited")) == 1
+
+            # Abuse accounting covers both: violations of either bucket add up.
+            for _ in range(8):
+                await carol.send({"type": "typing", "room": "lobby"})
+            await carol.expect_count(5, type="error", code="rate_limited")
+            assert carol.close_code is None
+            for _ in range(13):
+                await carol.send({"type": "join", "room": "dev"})
+            assert await carol.expect_closed() == 1008
+            await assert_still_serving(alice)
+
+
 async def test_a_send_that_cannot_be_made_durable_gets_send_failed(
     gateways: list[GatewayProc], nc: NATS
 ) -> None:

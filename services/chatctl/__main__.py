@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--room", help="room to post in")
     target.add_argument("--to", help="user to send a direct message to")
     p.add_argument("--as", dest="sender", default="chatctl", help="sender (default chatctl)")
-    p.add_argument("--client-id", help="idempotency key: a retry with it is not stored twice")
+    p.add_argument(
+        "--client-id",
+        help=(
+            "idempotency key: a retry of the same message with it is not stored twice"
+            " (prints duplicate: true); reusing it for another message is refused (exit 1)"
+        ),
+    )
     p.add_argument("content", help="message text, or - to read it from stdin")
     p.set_defaults(run=commands.send)
 

@@ -4,7 +4,7 @@ The NATS counterpart of a unary `Send` plus a server-streamed `Subscribe` that f
 replays recent history:
 
     client = await ChatClient.connect("nats://127.0.0.1:4222")
-    msg_id, seq = await client.send(room="lobby", content="hi", sender="bot")
+    msg_id, seq = await client.send(room="lobby", content="hi", sender="bot", client_id="k1")
     async for item in client.stream(["lobby"], since=seq):
         print(item.seq, item.message.content)
 """
@@ -17,12 +17,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import betterproto2
 import nats
 import nats.errors
-from chatlib import codec, ids, names, presence_client, validate
+from chatlib import codec, idempotency, ids, names, presence_client, validate
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -32,6 +32,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from chatctl.errors import (
     ChatError,
+    IdempotencyConflict,
     NatsUnreachable,
     ServiceError,
     ServiceUnavailable,
@@ -51,6 +52,23 @@ class StreamedMessage:
     seq: int
     subject: str
     message: pb.ChatMessage
+
+
+class _SentFields(NamedTuple):
+    id: str
+    seq: int
+
+
+class Sent(_SentFields):
+    """What send() returns: unpacks as (id, seq); `duplicate` is True when the send was
+    a retry of a request already stored (id and seq are then the original's)."""
+
+    duplicate: bool
+
+    def __new__(cls, id: str, seq: int, duplicate: bool = False) -> Sent:
+        sent = super().__new__(cls, id, seq)
+        sent.duplicate = duplicate
+        return sent
 
 
 def check_name(kind: str, name: str) -> str:
@@ -147,11 +165,15 @@ class ChatClient:
         room: str | None = None,
         to: str | None = None,
         client_id: str | None = None,
-    ) -> tuple[str, int]:
-        """Publish a message as the gateway does; returns (message id, CHAT sequence).
+    ) -> Sent:
+        """Publish a message as the gateway does; returns a Sent, which unpacks as
+        (message id, CHAT sequence).
 
-        Reusing a client_id within the stream's duplicate window returns the original
-        message's sequence instead of storing it twice."""
+        `client_id` is an idempotency key, as for the gateway: reusing it within the
+        stream's duplicate window for the same request (same target, same content) stores
+        nothing and returns the original message's id and seq with `duplicate` True;
+        reusing it for a different request raises IdempotencyConflict and stores
+        nothing."""
         if (room is None) == (to is None):
             raise UsageError("give exactly one of room or to")
         check_name("user", sender)
@@ -173,17 +195,29 @@ class ChatClient:
             subject = names.dm_subject(sender, to)
         payload, headers = codec.encode(message)
         headers[names.HEADER_MSG_ID] = names.dedup_id(sender, message.client_id, message.id)
+        expected = headers[names.HEADER_REQUEST_HASH] = idempotency.fingerprint(message)
         try:
             ack = await self.js.publish(
                 subject, payload, timeout=self.request_timeout, headers=headers
             )
+            if not ack.duplicate:
+                return Sent(message.id, ack.seq)
+            stored = await self.js.get_msg(names.STREAM_CHAT, ack.seq)
         except NoStreamResponseError as exc:
             raise ServiceUnavailable(
                 f"no stream stores {subject}: is stream {names.STREAM_CHAT} provisioned?"
             ) from exc
         except nats.errors.TimeoutError as exc:
             raise ServiceUnavailable(f"no PubAck for {subject} (JetStream slow?)") from exc
-        return message.id, ack.seq
+        except NotFoundError as exc:
+            raise ChatError(f"the original of client_id {client_id!r} is gone") from exc
+        data = stored.data or b""
+        try:
+            idempotency.check_replay(expected, message.client_id, data, stored.headers)
+        except idempotency.IdempotencyConflict as exc:
+            raise IdempotencyConflict(str(exc)) from exc
+        original = self._decode_reply(pb.ChatMessage, data, dict(stored.headers or {}))
+        return Sent(original.id, ack.seq, duplicate=True)
 
     # --- request/reply ---------------------------------------------------------------
 

@@ -123,10 +123,13 @@ def decode(args: argparse.Namespace, stdin: bytes, out: TextIO) -> int:
 
 async def send(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
     content = sys.stdin.read().rstrip("\n") if args.content == "-" else args.content
-    message_id, seq = await client.send(
+    sent = await client.send(
         room=args.room, to=args.to, content=content, sender=args.sender, client_id=args.client_id
     )
-    out.write(render.dumps({"id": message_id, "seq": seq}) + "\n")
+    result: dict[str, Any] = {"id": sent.id, "seq": sent.seq}
+    if sent.duplicate:
+        result["duplicate"] = True
+    out.write(render.dumps(result) + "\n")
     return ExitCode.OK
 
 

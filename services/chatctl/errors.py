@@ -31,6 +31,11 @@ class ServiceUnavailable(ChatError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class IdempotencyConflict(ChatError):
+    """A client_id reused, within the duplicate window, for a different message (another
+    target or content): nothing was stored. Use a new client_id for a new message."""
+
+
 class ServiceError(ChatError):
     """A micro service answered with Nats-Service-Error / Nats-Service-Error-Code."""
 

@@ -72,6 +72,10 @@ QUEUE_HISTORY = "history"
 # --- Headers -------------------------------------------------------------------------
 HEADER_TYPE = "Chat-Type"  # full protobuf name of the payload, e.g. chat.v1.ChatMessage
 HEADER_MSG_ID = "Nats-Msg-Id"  # JetStream deduplication
+# What a client_id (idempotency key) was first used for: a hash of the request (see
+# chatlib.idempotency), stored with the message so that any gateway can tell a retry
+# from a different request reusing the key.
+HEADER_REQUEST_HASH = "Chat-Request-Hash"
 HEADER_DEAD_REASON = "Chat-Dead-Reason"
 
 

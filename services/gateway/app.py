@@ -287,6 +287,8 @@ def build_app(gateway: Gateway) -> Any:
                 "max_frame_bytes": settings.max_frame_bytes,
                 "rate_per_second": settings.rate_per_second,
                 "rate_burst": settings.rate_burst,
+                "read_rate_per_second": settings.read_rate_per_second,
+                "read_rate_burst": settings.read_rate_burst,
             },
         }
 

@@ -62,6 +62,12 @@ class Hub:
         if len(self._published) > PUBLISHED_MAX:
             self._published.popitem(last=False)
 
+    def forget(self, msg_id: str, payload: bytes) -> None:
+        """A publish JetStream dropped as a duplicate: its live copy never comes."""
+        mine = self._published.get(msg_id)
+        if mine is not None and mine[0] == payload:
+            del self._published[msg_id]
+
     async def start(self) -> None:
         # DMs: one gateway-wide subscription each (not four per user): a hello then costs
         # no NATS subscription for the user, and a socket no subscription tasks. Every

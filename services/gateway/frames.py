@@ -26,8 +26,13 @@ CLOSE_UNAUTHORIZED = 4401
 
 CLIENT_TYPES = {"hello", "join", "leave", "send", "dm", "history", "typing", "ping"}
 # Frame types that cost a rate-limit token: the ones that make others (NATS, the archive,
-# other clients) do work. join/leave too: each can (un)subscribe on NATS.
-RATE_LIMITED_TYPES = {"send", "dm", "typing", "history", "join", "leave"}
+# other clients) do work. Writes and reads have a bucket each (settings rate_* and
+# read_rate_*), so paging back through history never costs the budget for sending and a
+# burst of sends never blocks reading. join/leave are reads: each can (un)subscribe on
+# NATS, and a client joins its rooms in a burst after connecting.
+WRITE_LIMITED_TYPES = {"send", "dm", "typing"}
+READ_LIMITED_TYPES = {"history", "join", "leave"}
+RATE_LIMITED_TYPES = WRITE_LIMITED_TYPES | READ_LIMITED_TYPES
 
 
 class FrameError(Exception):

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chatlib import codec, ids, names
+from chatlib import codec, idempotency, ids, names
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -18,6 +18,7 @@ from nats.micro.request import ERROR_CODE_HEADER
 from gateway import frames, metrics
 from gateway.fanout import Hub
 from gateway.frames import FrameError
+from gateway.limits import TokenBucket
 from gateway.session import Session
 from gateway.settings import GatewaySettings
 
@@ -56,7 +57,13 @@ async def handle_raw(raw: str | bytes, session: Session, deps: Deps) -> int | No
         return None
     kind = frame["type"]
     metrics.frames_in(kind).inc()
-    if kind in frames.RATE_LIMITED_TYPES and not session.bucket.take():
+    if kind in frames.WRITE_LIMITED_TYPES:
+        bucket: TokenBucket | None = session.bucket
+    elif kind in frames.READ_LIMITED_TYPES:
+        bucket = session.read_bucket
+    else:
+        bucket = None
+    if bucket is not None and not bucket.take():
         metrics.RATE_LIMITED.inc()
         ref = frame.get("client_id") if isinstance(frame.get("client_id"), str) else kind
         _refuse(session, FrameError("rate_limited", "slow down: too many frames", str(ref)[:64]))
@@ -132,12 +139,18 @@ async def _send_durably(msg: pb.ChatMessage, subject: str, session: Session, dep
 
 
 async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
-    """Ack only after JetStream stored it. A retry (same client_id, any gateway) is a
-    duplicate for JetStream; it is acked with the original's id, seq and time."""
+    """Ack only after JetStream stored it. The client_id is an idempotency key (see
+    chatlib.idempotency): a retry of the same request (any gateway, within the duplicate
+    window) is acked with the original's id, seq and time and `duplicate: true`; the same
+    key with another target or content gets idempotency_conflict and no ack."""
     payload, headers = codec.encode(msg)
-    headers[names.HEADER_MSG_ID] = names.dedup_id(msg.sender, msg.client_id, msg.id)
+    key = headers[names.HEADER_MSG_ID] = names.dedup_id(msg.sender, msg.client_id, msg.id)
+    check = deps.settings.idempotency_check
+    expected = ""
+    if check:
+        expected = headers[names.HEADER_REQUEST_HASH] = idempotency.fingerprint(msg)
     # Its live copy may come back before the PubAck: remember it first.
-    deps.hub.published(headers[names.HEADER_MSG_ID], payload, msg)
+    deps.hub.published(key, payload, msg)
     try:
         ack = await deps.js.publish(
             subject,
@@ -148,9 +161,17 @@ async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, d
         )
         msg_id, ts = msg.id, msg.ts_ms
         if ack.duplicate:
+            # JetStream stored nothing and republished nothing: no live copy comes back.
+            deps.hub.forget(key, payload)
             stored = await deps.js.get_msg(names.STREAM_CHAT, ack.seq)
-            original = codec.decode_as(pb.ChatMessage, stored.data or b"", stored.headers)
+            data = stored.data or b""
+            if check:
+                idempotency.check_replay(expected, msg.client_id, data, stored.headers)
+            original = codec.decode_as(pb.ChatMessage, data, stored.headers)
             msg_id, ts = original.id, original.ts_ms
+    except idempotency.IdempotencyConflict as exc:
+        metrics.IDEMPOTENCY_CONFLICTS.inc()
+        raise FrameError("idempotency_conflict", str(exc), msg.client_id) from exc
     except Exception as exc:
         metrics.SEND_FAILURES.inc()
         log.warning("send not durable: %s", exc, extra={"user": msg.sender})
@@ -159,11 +180,17 @@ async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, d
             "the message could not be stored; retry with the same client_id",
             msg.client_id,
         ) from exc
-    session.push(
-        frames.dumps(
-            {"type": "ack", "client_id": msg.client_id, "id": msg_id, "seq": ack.seq, "ts": ts}
-        )
-    )
+    ack_frame: dict[str, Any] = {
+        "type": "ack",
+        "client_id": msg.client_id,
+        "id": msg_id,
+        "seq": ack.seq,
+        "ts": ts,
+    }
+    if ack.duplicate:
+        metrics.DUPLICATE_SENDS.inc()
+        ack_frame["duplicate"] = True
+    session.push(frames.dumps(ack_frame))
 
 
 # --- history -----------------------------------------------------------------------------

@@ -49,6 +49,14 @@ SLOW_DISCONNECTS = Counter(
 SEND_FAILURES = Counter(
     "gateway_send_failures_total", "Sends that could not be made durable (client got send_failed)"
 )
+DUPLICATE_SENDS = Counter(
+    "gateway_duplicate_sends_total",
+    "Retried sends (same client_id, same request) acked with the original message",
+)
+IDEMPOTENCY_CONFLICTS = Counter(
+    "gateway_idempotency_conflicts_total",
+    "Sends refused because their client_id was used for a different request",
+)
 ABUSE_DISCONNECTS = Counter("gateway_abuse_disconnects_total", "Sockets closed with 1008")
 ERRORS = Counter("gateway_error_frames_total", "Error frames sent to clients", ["code"])
 REPLAYED = Counter("gateway_recovery_replayed_total", "Messages replayed on reconnect recovery")

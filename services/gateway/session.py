@@ -124,6 +124,7 @@ class Session:
         "closing",
         "id",
         "live_buffer",
+        "read_bucket",
         "rooms",
         "sends",
         "user",
@@ -141,7 +142,9 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         # Wire frames written this loop iteration, not yet handed to the transport (_Cork).
         self._out: list[bytes] | None = None
+        # Writes (send, dm, typing) and reads (history, join, leave) have separate budgets.
         self.bucket = TokenBucket(settings.rate_per_second, settings.rate_burst)
+        self.read_bucket = TokenBucket(settings.read_rate_per_second, settings.read_rate_burst)
         self.abuse = AbuseGuard(settings.abuse_max_violations, settings.abuse_window)
         # While hello is being answered (welcome, recovery replay), live messages wait
         # here as (seq, frame) so that they go out after the replay, without duplicates.

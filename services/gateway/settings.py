@@ -31,8 +31,16 @@ class GatewaySettings(CommonSettings):
 
     max_content_bytes: int = Field(default=4096, gt=0)
     max_frame_bytes: int = Field(default=65536, gt=0)
+    # Two token buckets per socket, so that neither kind can starve the other: writes
+    # (send, dm, typing) and reads (history, join, leave). Violations of either count
+    # towards abuse.
     rate_per_second: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, gt=0)
+    read_rate_per_second: float = Field(default=20.0, gt=0)
+    read_rate_burst: int = Field(default=40, gt=0)
+    # Compare a reused client_id's request with the stored one (idempotency_conflict when
+    # they differ). Off only to measure its cost (`make bench`); production refuses off.
+    idempotency_check: bool = True
     # Frames queued for one socket before it counts as too slow and is disconnected.
     send_queue_frames: int = Field(default=512, gt=0)
     # Reconnect recovery replays at most this many messages from the CHAT log.
@@ -58,5 +66,7 @@ class GatewaySettings(CommonSettings):
             raise ValueError("production with guest auth needs GATEWAY_GUEST_SECRET")
         if self.auth_mode == "jwt" and not (self.jwt_secret or self.jwt_public_key):
             raise ValueError("jwt auth needs GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY")
+        if not self.idempotency_check:
+            raise ValueError("production needs GATEWAY_IDEMPOTENCY_CHECK on")
         if not self.allowed_origins:
             raise ValueError("production needs GATEWAY_ALLOWED_ORIGINS")

@@ -115,6 +115,8 @@ class Cluster:
             "GATEWAY_GUEST_SECRET": BENCH_SECRET,
             "GATEWAY_RATE_PER_SECOND": "1000000",
             "GATEWAY_RATE_BURST": "1000000",
+            "GATEWAY_READ_RATE_PER_SECOND": "1000000",
+            "GATEWAY_READ_RATE_BURST": "1000000",
             "GATEWAY_LOG_LEVEL": "WARNING",
             **self.gateway_env,
             **(extra or {}),

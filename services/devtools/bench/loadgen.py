@@ -297,15 +297,20 @@ async def _send_paced(senders: list[Client], params: dict[str, Any]) -> int:
 
 
 async def _send_closed_loop(sender: Client, params: dict[str, Any]) -> int:
-    """Durable send: keep `window` sends in flight, the next one goes when an ack comes."""
+    """Durable send: keep `window` sends in flight, the next one goes when an ack comes.
+    With `retry`, each frame goes twice (same client_id, same request): every second
+    send is a duplicate, acked as a replay."""
     window = int(params.get("window", 4))
+    copies = 2 if params.get("retry") else 1
     sent = 0
     assert sender.conn is not None
     try:
         while True:
             while sent - sender.acks < window:
-                sender.conn.send_text(_send_frame(sender.spec.room, b"t=0"))
-                sent += 1
+                frame = _send_frame(sender.spec.room, b"t=0")
+                for _ in range(copies):
+                    sender.conn.send_text(frame)
+                sent += copies
             await asyncio.sleep(0.002)
     except asyncio.CancelledError:
         return sent

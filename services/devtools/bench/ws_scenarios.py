@@ -266,7 +266,7 @@ def latency(ctx: Ctx) -> Run:
 
 # --- 3. durable send --------------------------------------------------------------------
 def _durable_once(
-    ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str
+    ctx: Ctx, cluster: Cluster, target: Target, senders: int, tag: str, retry: bool = False
 ) -> dict[str, Any]:
     duration = ctx.scaled(15, 4)
     conns = [
@@ -274,7 +274,7 @@ def _durable_once(
         for i in range(senders)
     ]
     plans = [
-        Plan("durable", part, {"window": 4, "concurrency": 100})
+        Plan("durable", part, {"window": 4, "concurrency": 100, "retry": retry})
         for part in _split(conns, ctx.workers)
     ]
     fleet = Fleet(plans)
@@ -300,6 +300,24 @@ def _durable_once(
     }
 
 
+# The gateway with the idempotency check (request hash on every publish, compared with
+# the stored one on every duplicate) switched off: only to measure what the check costs.
+_NO_IDEMPOTENCY_CHECK = {"GATEWAY_IDEMPOTENCY_CHECK": "false"}
+
+
+def _request_hash_us() -> float:
+    """Microseconds the gateway spends per send on the request hash (in this process)."""
+    from chatlib import idempotency
+    from chatlib.proto.chat import v1 as pb
+
+    msg = pb.ChatMessage(room="dur1", content="t=0", sender="d-d1", client_id="0" * 16)
+    n = 100_000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        idempotency.fingerprint(msg)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def durable(ctx: Ctx) -> Run:
     senders = ctx.scaled(200, 50)
     with Cluster(ctx.workdir / "durable-baseline") as c:
@@ -316,7 +334,75 @@ def durable(ctx: Ctx) -> Run:
             passed=gw["acks_per_s"] >= 5000,
         ),
     ]
-    return Run("durable", figs, {"gateway": gw, "baseline": base})
+    details: dict[str, Any] = {"gateway": gw, "baseline": base}
+    if not ctx.gateway_urls:  # the check's cost needs gateways we start ourselves
+        cost = _idempotency_cost(ctx, senders)
+        details["idempotency"] = cost
+        figs += [
+            Figure(
+                "durable send with the idempotency check (baseline: check off, ABBA runs)",
+                cost["fresh"]["on"],
+                "msg/s",
+                baseline=cost["fresh"]["off"],
+            ),
+            Figure(
+                "durable send, each message twice (half replays), check (baseline: off)",
+                cost["retry"]["on"],
+                "acks/s",
+                baseline=cost["retry"]["off"],
+            ),
+            Figure(
+                "gateway CPU per acked send with the check (baseline: off)",
+                cost["fresh"]["cpu_us_on"],
+                "us",
+                baseline=cost["fresh"]["cpu_us_off"],
+            ),
+            Figure(
+                "gateway CPU per ack, half replays, with the check (baseline: off)",
+                cost["retry"]["cpu_us_on"],
+                "us",
+                baseline=cost["retry"]["cpu_us_off"],
+            ),
+            Figure("request hash per send (in-process)", _request_hash_us(), "us"),
+        ]
+    return Run("durable", figs, details)
+
+
+def _idempotency_cost(ctx: Ctx, senders: int) -> dict[str, Any]:
+    """Acked msgs/s with the idempotency check on and off: two gateways on one NATS, one
+    of them with the check off, loaded in turn in the order on, off, off, on (a drift of
+    the shared machine or of the growing stream then weighs on both alike), for fresh
+    sends and for retries (each send twice: every second one takes the duplicate path,
+    get_msg + compare). Each figure is the mean of its two runs."""
+    out: dict[str, Any] = {}
+    with Cluster(ctx.workdir / "durable-idempotency") as c:
+        on = _gateways(ctx, c, 1)[0]
+        off = ("127.0.0.1", c.gateway("bench-gw-nocheck", _NO_IDEMPOTENCY_CHECK)[1].port)
+        proc_of = {p.port: p.name for _, p in c.services}
+        for load, retry in (("fresh", False), ("retry", True)):
+            rates: dict[str, list[float]] = {"on": [], "off": []}
+            cpu_us: dict[str, list[float]] = {"on": [], "off": []}
+            for i, check in enumerate(("on", "off", "off", "on")):
+                target = on if check == "on" else off
+                tag = f"{load[0]}{check}{i}"
+                result = _durable_once(ctx, c, target, senders, tag, retry)
+                rates[check].append(result["acks_per_s"])
+                # The loaded gateway's CPU per ack: steadier than a rate on a shared machine.
+                share = result["server_cpu"].get(proc_of[target[1]], 0.0)
+                cpu_us[check].append(share / max(result["acks_per_s"], 1e-9) * 1e6)
+            out[load] = {
+                "on": _mean(rates["on"]),
+                "off": _mean(rates["off"]),
+                "cpu_us_on": _mean(cpu_us["on"]),
+                "cpu_us_off": _mean(cpu_us["off"]),
+                "runs": rates,
+                "cpu_us_runs": cpu_us,
+            }
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 # --- 6. connections ---------------------------------------------------------------------
