@@ -29,21 +29,26 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 @functools.cache
 def official() -> SimpleNamespace:
-    """chat.v1's messages as classes of the official protobuf package."""
+    """chat.v1's messages as classes of the official protobuf package, and ChatService's
+    grpc stub."""
     out = Path(tempfile.mkdtemp(prefix="pb2-"))
     protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}",
-         f"--python_out={out}", *protos],
+         f"--python_out={out}", f"--grpc_python_out={out}", *protos],
         check=True, capture_output=True, cwd=ROOT / "protos",
     )  # fmt: skip
     sys.path.insert(0, str(out))
     classes: dict[str, Any] = {}
-    for module in ("chat_pb2", "history_pb2", "presence_pb2"):
+    for module in ("chat_pb2", "history_pb2", "presence_pb2", "chat_service_pb2"):
         mod = importlib.import_module(f"chat.v1.{module}")
         for name, desc in mod.DESCRIPTOR.message_types_by_name.items():
             classes[name] = getattr(mod, name)
             assert desc.full_name == f"chat.v1.{name}"
+    # The stub protoc's grpc plugin writes: what an integrator in Python would use.
+    classes["ChatServiceStub"] = importlib.import_module(
+        "chat.v1.chat_service_pb2_grpc"
+    ).ChatServiceStub
     return SimpleNamespace(**classes)
 
 

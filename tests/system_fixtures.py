@@ -27,10 +27,10 @@ from typing import Any
 import asyncpg
 import nats
 from chatlib import codec, names
+from chatlib.auth import Authenticator
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
 from devtools.servers import NatsServer, free_port, url_as
-from gateway.auth import Authenticator
 from gateway.settings import DEV_SECRET, GatewaySettings
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect
@@ -65,8 +65,9 @@ class ChatSystem:
     gateways: int = 2
     archives: int = 2
     presences: int = 2
+    rpcs: int = 0
     stream_replicas: int = 1
-    # Extra environment per service kind ("gateway", "archive", "presence").
+    # Extra environment per service kind ("gateway", "archive", "presence", "rpc").
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
     _generation: Iterator[int] = field(default_factory=itertools.count)
@@ -90,6 +91,9 @@ class ChatSystem:
         if kind == "archive":
             env["ARCHIVE_DATABASE_URL"] = self.database_url
             env["ARCHIVE_ACK_WAIT"] = str(TEST_ARCHIVE_ACK_WAIT)
+        if kind == "rpc":
+            env["RPC_GRPC_HOST"] = "127.0.0.1"
+            env["RPC_GRPC_PORT"] = str(free_port())
         env.update(self.extra_env.get(kind, {}))
         return env
 
@@ -108,7 +112,7 @@ class ChatSystem:
     def start(self) -> ChatSystem:
         # Presence and archive first: gateways ask presence for `online` at hello.
         plan = [("presence", self.presences), ("archive", self.archives)]
-        plan.append(("gateway", self.gateways))
+        plan += [("gateway", self.gateways), ("rpc", self.rpcs)]
         for kind, count in plan:
             started = [self._new(kind, f"{kind}-{i}").start(False) for i in range(count)]
             for proc in started:
@@ -117,7 +121,7 @@ class ChatSystem:
 
     def stop(self) -> None:
         # Gateways first so their clients' closes still reach presence.
-        for kind in ("gateway", "archive", "presence"):
+        for kind in ("gateway", "rpc", "archive", "presence"):
             for name in self.names_of(kind):
                 with contextlib.suppress(Exception):
                     self.procs[name].terminate(timeout=10)
@@ -143,6 +147,14 @@ class ChatSystem:
         return [
             f"ws://127.0.0.1:{self.procs[n].http_port}/ws"
             for n in self.names_of("gateway")
+            if self.alive(n)
+        ]
+
+    def grpc_addresses(self) -> list[str]:
+        """host:port of the rpc replicas still running, in name order."""
+        return [
+            f"127.0.0.1:{self.procs[n].env['RPC_GRPC_PORT']}"
+            for n in self.names_of("rpc")
             if self.alive(n)
         ]
 

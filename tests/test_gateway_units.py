@@ -8,12 +8,13 @@ import time
 import jwt
 import orjson
 import pytest
+from chatlib.auth import Authenticator, AuthError
+from chatlib.limits import AbuseGuard, TokenBucket
 from chatlib.proto.chat import v1 as pb
 from gateway import frames
-from gateway.auth import Authenticator, AuthError, origin_allowed
+from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.frames import FrameError
-from gateway.limits import AbuseGuard, TokenBucket
 from gateway.recovery import filter_groups
 from gateway.session import _text_frame
 from gateway.settings import GatewaySettings

@@ -61,13 +61,15 @@ class _SentFields(NamedTuple):
 
 class Sent(_SentFields):
     """What send() returns: unpacks as (id, seq); `duplicate` is True when the send was
-    a retry of a request already stored (id and seq are then the original's)."""
+    a retry of a request already stored (id, seq and ts_ms are then the original's)."""
 
     duplicate: bool
+    ts_ms: int
 
-    def __new__(cls, id: str, seq: int, duplicate: bool = False) -> Sent:
+    def __new__(cls, id: str, seq: int, duplicate: bool = False, ts_ms: int = 0) -> Sent:
         sent = super().__new__(cls, id, seq)
         sent.duplicate = duplicate
+        sent.ts_ms = ts_ms
         return sent
 
 
@@ -201,7 +203,7 @@ class ChatClient:
                 subject, payload, timeout=self.request_timeout, headers=headers
             )
             if not ack.duplicate:
-                return Sent(message.id, ack.seq)
+                return Sent(message.id, ack.seq, ts_ms=message.ts_ms)
             stored = await self.js.get_msg(names.STREAM_CHAT, ack.seq)
         except NoStreamResponseError as exc:
             raise ServiceUnavailable(
@@ -217,7 +219,7 @@ class ChatClient:
         except idempotency.IdempotencyConflict as exc:
             raise IdempotencyConflict(str(exc)) from exc
         original = self._decode_reply(pb.ChatMessage, data, dict(stored.headers or {}))
-        return Sent(original.id, ack.seq, duplicate=True)
+        return Sent(original.id, ack.seq, duplicate=True, ts_ms=original.ts_ms)
 
     # --- request/reply ---------------------------------------------------------------
 

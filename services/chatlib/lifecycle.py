@@ -46,7 +46,9 @@ class Service(Protocol):
 
 async def serve(service: Service, settings: CommonSettings, stop: asyncio.Event) -> None:
     ident = nats_wiring.instance_id(settings, service.name)
-    nc = await nats_wiring.connect(settings, ident)
+    # A service that must act on a lost connection (the rpc service ends its streams so
+    # clients resume from their last seq) says so with an on_nats_state method.
+    nc = await nats_wiring.connect(settings, ident, getattr(service, "on_nats_state", None))
     js = nc.jetstream()
     await nats_wiring.provision(js, settings)
     await service.start(nc, js)

@@ -60,3 +60,41 @@ class CommonSettings(BaseSettings):
         """Raise ValueError for defaults that are fine on a laptop but unsafe in production."""
         if not (self.nats_user or self.nats_creds):
             raise ValueError("production needs NATS credentials (nats_user or nats_creds)")
+
+
+DEV_SECRET = "dev-only-insecure-secret-change-me"
+
+
+class ClientSettings(CommonSettings):
+    """What every service that serves users shares (the gateway's WebSocket, the rpc
+    service's gRPC): how tokens are verified, and the limits each user gets. Same values
+    everywhere, so a user meets one set of rules whichever door they come in by."""
+
+    # guest: pick a name, get a token signed with guest_secret (development).
+    # jwt: verify tokens from the operator's identity provider (production).
+    auth_mode: Literal["guest", "jwt"] = "guest"
+    guest_secret: str = DEV_SECRET
+    guest_token_ttl: float = Field(default=24 * 3600.0, gt=0)
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_secret: str = ""  # HS256
+    jwt_public_key: str = ""  # RS256, PEM
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+
+    max_content_bytes: int = Field(default=4096, gt=0)
+    # Two token buckets per user (per socket on the gateway), so that neither kind can
+    # starve the other: writes (send, dm, typing) and reads (history, join, leave, who).
+    # Violations of either count towards abuse.
+    rate_per_second: float = Field(default=20.0, gt=0)
+    rate_burst: int = Field(default=40, gt=0)
+    read_rate_per_second: float = Field(default=20.0, gt=0)
+    read_rate_burst: int = Field(default=40, gt=0)
+    request_timeout: float = Field(default=2.0, gt=0)
+
+    def check_production(self) -> None:
+        super().check_production()
+        prefix = str(self.model_config.get("env_prefix", ""))
+        if self.auth_mode == "guest" and self.guest_secret == DEV_SECRET:
+            raise ValueError(f"production with guest auth needs {prefix}GUEST_SECRET")
+        if self.auth_mode == "jwt" and not (self.jwt_secret or self.jwt_public_key):
+            raise ValueError(f"jwt auth needs {prefix}JWT_SECRET or {prefix}JWT_PUBLIC_KEY")

@@ -112,6 +112,7 @@ CONSUMES = {
     "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE),
     "presence": (names.STREAM_PRESENCE, KV_STREAM_PRESENCE),
     "archive": (names.STREAM_ARCHIVE, names.STREAM_DEAD),
+    "rpc": (names.STREAM_CHAT,),  # replays for StreamMessages (ephemeral consumers)
 }
 JS_API_ALL = "$JS.API.>"
 JS_ACK_ALL = "$JS.ACK.>"
@@ -211,6 +212,17 @@ def nats_permissions() -> dict[str, Permissions]:
                 INBOX_ALL,
             ],
             allow_responses=True,
+        ),
+        "rpc": Permissions(
+            publish_allow=[
+                *names.STREAM_CHAT_SUBJECTS,  # SendMessage, through JetStream like the gateway
+                names.HISTORY_ROOM,  # GetHistory
+                names.HISTORY_DM,
+                names.PRESENCE_WHO,  # ListOnline
+                *jetstream,
+            ],
+            publish_deny=jetstream_denies("rpc"),
+            subscribe_allow=[names.LIVE_ALL, INBOX_ALL],  # StreamMessages' live part
         ),
     }
 

@@ -25,7 +25,11 @@ def generate(proto_dir: Path, out_dir: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}",
-         f"--python_betterproto2_out={out_dir}", *protos],
+         f"--python_betterproto2_out={out_dir}",
+         # Descriptors let the rpc service offer gRPC reflection from these same classes;
+         # the service is served by grpc.aio (services/rpc), so no client stub is needed.
+         "--python_betterproto2_opt=google_protobuf_descriptors,client_generation=none",
+         *protos],
         check=True, env=env, capture_output=True,
     )  # fmt: skip
 

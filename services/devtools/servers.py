@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_NATS = ROOT / "deploy" / "nats"
 # The users of deploy/nats/accounts.conf: one per service, the operators' admin, and the
 # system account's user. The tests give each the password `test-<user>`.
-DEPLOY_NATS_USERS = ("gateway", "presence", "archive", "admin", "sys")
+DEPLOY_NATS_USERS = ("gateway", "presence", "archive", "rpc", "admin", "sys")
 
 
 def free_port() -> int:

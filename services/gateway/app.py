@@ -16,6 +16,7 @@ from typing import Any
 
 import uvicorn
 from chatlib import health, lifecycle, names, nats_wiring, validate
+from chatlib.auth import Authenticator, AuthError
 from chatlib.logs import setup_logging
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -25,7 +26,7 @@ from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
 
 from gateway import frames, handlers, metrics, recovery
-from gateway.auth import Authenticator, AuthError, origin_allowed
+from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.fanout import Hub
 from gateway.frames import FrameError

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatlib import codec, idempotency, ids, names
+from chatlib.limits import TokenBucket
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -18,7 +19,6 @@ from nats.micro.request import ERROR_CODE_HEADER
 from gateway import frames, metrics
 from gateway.fanout import Hub
 from gateway.frames import FrameError
-from gateway.limits import TokenBucket
 from gateway.session import Session
 from gateway.settings import GatewaySettings
 

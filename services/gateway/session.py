@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from chatlib import ids
+from chatlib.limits import AbuseGuard, TokenBucket
 from websockets.protocol import State
 
 from gateway import metrics
 from gateway.frames import CLOSE_TOO_SLOW
-from gateway.limits import AbuseGuard, TokenBucket
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -2,42 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from chatlib.settings import CommonSettings
+from chatlib.settings import DEV_SECRET, ClientSettings
 from pydantic import Field
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-DEV_SECRET = "dev-only-insecure-secret-change-me"
+__all__ = ["DEV_SECRET", "GatewaySettings"]
 
 
-class GatewaySettings(CommonSettings):
+class GatewaySettings(ClientSettings):
+    """The gateway's own settings; auth, per-user limits and the NATS request timeout
+    come from chatlib.settings.ClientSettings (shared with the rpc service)."""
+
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
     http_port: int = 8000
-    # guest: pick a name, get a token signed with guest_secret (development).
-    # jwt: verify tokens from the operator's identity provider (production).
-    auth_mode: Literal["guest", "jwt"] = "guest"
-    guest_secret: str = DEV_SECRET
-    guest_token_ttl: float = Field(default=24 * 3600.0, gt=0)
-    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
-    jwt_secret: str = ""  # HS256
-    jwt_public_key: str = ""  # RS256, PEM
-    jwt_issuer: str = ""
-    jwt_audience: str = ""
     # Origins allowed to open a WebSocket (comma-separated). Empty in development means
     # "same host as the request"; production must list them.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    max_content_bytes: int = Field(default=4096, gt=0)
     max_frame_bytes: int = Field(default=65536, gt=0)
-    # Two token buckets per socket, so that neither kind can starve the other: writes
-    # (send, dm, typing) and reads (history, join, leave). Violations of either count
-    # towards abuse.
-    rate_per_second: float = Field(default=20.0, gt=0)
-    rate_burst: int = Field(default=40, gt=0)
-    read_rate_per_second: float = Field(default=20.0, gt=0)
-    read_rate_burst: int = Field(default=40, gt=0)
     # Compare a reused client_id's request with the stored one (idempotency_conflict when
     # they differ). Off only to measure its cost (`make bench`); production refuses off.
     idempotency_check: bool = True
@@ -48,7 +33,6 @@ class GatewaySettings(CommonSettings):
     history_page_size: int = Field(default=50, gt=0)
     # Presence: how often this gateway reports its live connections.
     heartbeat_interval: float = Field(default=2.0, gt=0)
-    request_timeout: float = Field(default=2.0, gt=0)
     ws_compression: bool = False
     # A client that racks up this many violations (rate-limited or oversized frames)
     # within abuse_window seconds is abusive: closed with 1008.
@@ -62,10 +46,6 @@ class GatewaySettings(CommonSettings):
 
     def check_production(self) -> None:
         super().check_production()
-        if self.auth_mode == "guest" and self.guest_secret == DEV_SECRET:
-            raise ValueError("production with guest auth needs GATEWAY_GUEST_SECRET")
-        if self.auth_mode == "jwt" and not (self.jwt_secret or self.jwt_public_key):
-            raise ValueError("jwt auth needs GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY")
         if not self.idempotency_check:
             raise ValueError("production needs GATEWAY_IDEMPOTENCY_CHECK on")
         if not self.allowed_origins:

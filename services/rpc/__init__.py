@@ -1,0 +1,1 @@
+"""The gRPC door: ChatService (protos/chat/v1/chat_service.proto) over NATS."""
