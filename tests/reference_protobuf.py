@@ -3,7 +3,7 @@
 - `official()`: Google's `protobuf` package (upb), with code protoc generates from protos/
   into a temporary folder (grpcio-tools ships both).
 - `protobufjs(mode, type, text)`: protobufjs under Node, installed from tests/interop
-  (with nats.js, for the README's JavaScript example).
+  (with nats.js, for the README's JavaScript example, and grpc-js for the gRPC API).
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def protobufjs_dir() -> Path:
         if IN_CI:
             pytest.fail("node and npm are needed for the protobufjs interop test in CI")
         pytest.skip("node/npm not installed: apt-get install nodejs npm")
-    if not all((INTEROP / "node_modules" / p).exists() for p in ("protobufjs", "nats")):
+    wanted = ("protobufjs", "nats", "@grpc/grpc-js", "@grpc/proto-loader")
+    if not all((INTEROP / "node_modules" / p).exists() for p in wanted):
         subprocess.run(
             ["npm", "install", "--no-audit", "--no-fund", "--silent"],
             cwd=INTEROP, check=True, capture_output=True, timeout=240,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from websockets.asyncio.client import connect
 
-from tests.reference_protobuf import official
+from tests.reference_protobuf import official, protobufjs_dir
 from tests.system_fixtures import SystemRun, mint_token, system_run
 from tests.waiting import wait_until
 
@@ -271,6 +272,24 @@ async def test_a_slow_stream_ends_resource_exhausted_with_the_seq_to_resume_from
     )
     assert (await asyncio.wait_for(resumed.read(), 10)).seq == delivered[-1] + 1
     resumed.cancel()
+
+
+async def test_a_node_grpc_js_client_sends_and_streams_through_the_same_proto(
+    run: SystemRun,
+) -> None:
+    folder = protobufjs_dir()
+    address = run.system.grpc_addresses()[0]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["node", "grpc_client.mjs", address, mint_token("nodejs"), "polyglot", "hello-from-node"],
+        cwd=folder, capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    sent, item = (json.loads(line) for line in done.stdout.splitlines())
+    assert sent["sent"]["duplicate"] is False and isinstance(sent["sent"]["seq"], int)
+    message = item["item"]["message"]
+    assert item["item"]["seq"] == sent["sent"]["seq"]
+    assert (message["sender"], message["content"]) == ("nodejs", "hello-from-node")
 
 
 async def test_health_is_serving_and_reflection_lists_the_service(run: SystemRun) -> None:

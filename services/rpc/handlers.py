@@ -209,7 +209,7 @@ async def stream_messages(
     rooms = [name("room", r) for r in dict.fromkeys(request.rooms)]
     if not rooms and not request.direct_messages:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "give rooms or direct_messages")
-    since = request.since_seq or None
+    since = request.since_seq  # None (unset): live only
     buffer: asyncio.Queue[pb.StreamItem] = asyncio.Queue(deps.settings.stream_buffer)
     overflow = asyncio.Event()
 
@@ -222,7 +222,7 @@ async def stream_messages(
                 overflow.set()
                 return
 
-    last = request.since_seq
+    last = request.since_seq or 0
     metrics.STREAMS.inc()
     producer = asyncio.create_task(pump(), name=f"rpc-stream-{user}")
     stop = asyncio.ensure_future(_either(deps.stopping, deps.connection_lost))
