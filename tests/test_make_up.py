@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import grpc
 import nats
 import psutil
 import pytest
 from devtools.servers import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 READY_LINE = "Ctrl-C stops everything."
 
@@ -68,6 +70,8 @@ def up_ports() -> Iterator[dict[str, str]]:
         "UP_PG_PORT": str(free_port()),
         "UP_PRESENCE_PORT": str(free_port()),
         "UP_ARCHIVE_PORT": str(free_port()),
+        "UP_RPC_PORT": str(free_port()),
+        "UP_GRPC_PORT": str(free_port()),
         "UP_GATEWAY_PORTS": f"{free_port()},{free_port()}",
     }
 
@@ -80,6 +84,11 @@ async def test_make_up_runs_nats_and_postgres_and_ctrl_c_leaves_nothing_behind(
         read_until_ready(proc)
         children = descendants(proc.pid)
         assert children, "make up started no processes"
+
+        # The gRPC door is up too: its health service says SERVING.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{up_ports['UP_GRPC_PORT']}") as ch:
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
 
         nc = await nats.connect(f"nats://127.0.0.1:{up_ports['UP_NATS_PORT']}")
         info = await nc.jetstream().account_info()

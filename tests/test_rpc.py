@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from devtools.servers import PostgresServer
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from websockets.asyncio.client import connect
@@ -305,6 +306,22 @@ async def test_health_is_serving_and_reflection_lists_the_service(run: SystemRun
         reply = await call.read()
         listed = {s.name for s in reply.list_services_response.service}
         assert {"chat.v1.ChatService", "grpc.health.v1.Health"} <= listed
+        call.cancel()
+        # What grpcurl asks next: the file declaring the service, with its dependencies.
+        call = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="chat.v1.ChatService")])
+        )  # fmt: skip
+        reply = await call.read()
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        by_name = {f.name: f for f in files}
+        service = by_name["chat/v1/chat_service.proto"].service[0]
+        assert [m.name for m in service.method] == [
+            "SendMessage", "StreamMessages", "GetHistory", "ListOnline"
+        ]  # fmt: skip
         call.cancel()
 
 

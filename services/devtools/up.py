@@ -1,7 +1,8 @@
 """`make up`: the whole system on one machine, no Docker.
 
 Starts an embedded NATS (JetStream, data in .data/nats) and Postgres (.data/pg) unless
-NATS_URL / DATABASE_URL are given, then presence, archive and two gateways as processes.
+NATS_URL / DATABASE_URL are given, then presence, archive, two gateways and the gRPC
+service (rpc) as processes.
 Ctrl-C (or SIGTERM) stops the services first (they drain), then the servers. Data stays
 in .data/ for the next run.
 """
@@ -27,6 +28,8 @@ NATS_PORT = int(os.environ.get("UP_NATS_PORT", "14222"))
 PG_PORT = int(os.environ.get("UP_PG_PORT", "15432"))
 PRESENCE_PORT = int(os.environ.get("UP_PRESENCE_PORT", "8081"))
 ARCHIVE_PORT = int(os.environ.get("UP_ARCHIVE_PORT", "8082"))
+RPC_PORT = int(os.environ.get("UP_RPC_PORT", "8083"))  # its probes and metrics
+GRPC_PORT = int(os.environ.get("UP_GRPC_PORT", "50051"))
 GATEWAY_PORTS = [int(p) for p in os.environ.get("UP_GATEWAY_PORTS", "8000,8001").split(",")]
 
 
@@ -65,6 +68,13 @@ def plan(nats_url: str, database_url: str) -> list[ServiceProcess]:
                 "GATEWAY_INSTANCE_ID": f"gateway-{i + 1}",
             }
             procs.append(ServiceProcess("gateway", env, port, logs / f"gateway-{i + 1}.log"))
+    if exists("rpc"):
+        env = {
+            "RPC_NATS_SERVERS": nats_url,
+            "RPC_HTTP_PORT": str(RPC_PORT),
+            "RPC_GRPC_PORT": str(GRPC_PORT),
+        }
+        procs.append(ServiceProcess("rpc", env, RPC_PORT, logs / "rpc.log"))
     return procs
 
 
@@ -102,6 +112,10 @@ def main() -> None:
             print(
                 f"\nOpen http://localhost:{GATEWAY_PORTS[0]}  (second gateway: "
                 f"http://localhost:{GATEWAY_PORTS[1]})"
+            )
+        if any(p.module == "rpc" for p in procs):
+            print(
+                f"gRPC      localhost:{GRPC_PORT}   (grpcurl -plaintext localhost:{GRPC_PORT} list)"
             )
         print("Ctrl-C stops everything.")
         while not stop["requested"]:
