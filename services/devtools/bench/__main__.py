@@ -37,6 +37,9 @@ def _register_optional() -> None:
     SCENARIOS["history"] = nats_scenarios.history
     SCENARIOS["connections"] = ws_scenarios.connections
     SCENARIOS["presence"] = nats_scenarios.presence
+    from devtools.bench import rpc_scenarios
+
+    SCENARIOS["rpc"] = rpc_scenarios.rpc
 
 
 def _parse_url(url: str) -> tuple[str, int]:

@@ -145,6 +145,26 @@ class Cluster:
         }
         return self._start("archive", env, port, wait)
 
+    def rpc(self) -> tuple[ServiceProcess, Proc, str]:
+        """An rpc replica with no rate limits; also returns its gRPC address."""
+        port, grpc_port = free_port(), free_port()
+        env = {
+            "RPC_NATS_SERVERS": self.start_nats(),
+            "RPC_HTTP_PORT": str(port),
+            "RPC_HTTP_HOST": "127.0.0.1",
+            "RPC_GRPC_HOST": "127.0.0.1",
+            "RPC_GRPC_PORT": str(grpc_port),
+            "RPC_GUEST_SECRET": BENCH_SECRET,
+            "RPC_RATE_PER_SECOND": "1000000",
+            "RPC_RATE_BURST": "1000000",
+            "RPC_READ_RATE_PER_SECOND": "1000000",
+            "RPC_READ_RATE_BURST": "1000000",
+            "RPC_STREAM_BUFFER": "100000",
+            "RPC_LOG_LEVEL": "WARNING",
+        }
+        sp, proc = self._start("rpc", env, port)
+        return sp, proc, f"127.0.0.1:{grpc_port}"
+
     def baseline(self) -> Proc:
         port = free_port()
         self.logs.mkdir(parents=True, exist_ok=True)
