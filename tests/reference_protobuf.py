@@ -66,6 +66,8 @@ def plain(message: Any) -> dict[str, Any]:
                 value = plain(value) if _present(message, field.name) else None
         elif field.is_repeated:
             value = list(value)
+        elif field.has_presence and not _present(message, field.name):
+            value = None  # an optional field left unset (betterproto2 says None)
         out[field.name] = value
     return out
 

@@ -25,6 +25,7 @@ FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 @FUZZ
 @given(data=st.binary(max_size=512), headers=headers_strategy)
 @example(data=b"\x08\x00\x00\x00", headers={names.HEADER_TYPE: "chat.v1.ChatMessage"})
+@example(data=b"", headers={names.HEADER_TYPE: "chat.v1.StreamRequest"})  # optional, unset
 def test_decode_of_arbitrary_bytes_returns_a_message_or_raises_decode_error(
     data: bytes, headers: dict[str, str] | None
 ) -> None:

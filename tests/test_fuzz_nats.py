@@ -186,6 +186,11 @@ async def test_the_readmes_javascript_example_reads_a_history_page(run: SystemRu
     """The nats.js + protobufjs example in the README runs as written and prints the page
     as the documented JSON (snake_case names, ts_ms a number)."""
     sent = await chat_once(run.ws_url(), "alice", "for-the-js-example")
+
+    async def archived() -> bool:
+        return (await archived_id_counts(run.database_url))[sent] == 1
+
+    await wait_until(archived, "the message is in the archive", timeout=15, interval=0.2)
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### From other languages (JavaScript)", 1)[1]
     example = section.split("```js\n", 1)[1].split("```", 1)[0]
