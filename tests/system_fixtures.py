@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import nats
 from chatlib import codec, names
 from chatlib.auth import Authenticator
@@ -157,6 +158,11 @@ class ChatSystem:
             for n in self.names_of("rpc")
             if self.alive(n)
         ]
+
+    def rpc_at(self, address: str) -> str:
+        """The name of the rpc replica serving gRPC at `address`."""
+        port = address.rsplit(":", 1)[1]
+        return next(n for n in self.names_of("rpc") if self.procs[n].env["RPC_GRPC_PORT"] == port)
 
     def http_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.procs[name].http_port}"
@@ -480,6 +486,42 @@ def ordering_problems(
             f"({len(out_of_order)}); reconnects {client.reconnects}, resumed {client.resumed}"
         )
     return problems
+
+
+@dataclass
+class GrpcReader:
+    """A gRPC StreamMessages client (services/rpc) that resumes after every end, on any
+    live rpc replica, from the last seq it received; `ends` lists why each stream ended."""
+
+    addresses: Callable[[], list[str]]
+    rooms: list[str]
+    user: str = "grpc-reader"
+    seqs: list[int] = field(default_factory=list)
+    ends: list[str] = field(default_factory=list)
+    current: str = ""  # the address of the replica streaming now
+
+    async def run(self) -> None:
+        metadata = (("authorization", f"Bearer {mint_token(self.user)}"),)
+        while True:
+            addresses = self.addresses()
+            if not addresses:
+                await asyncio.sleep(0.1)
+                continue
+            since = self.seqs[-1] if self.seqs else 0
+            request = pb.StreamRequest(rooms=self.rooms, since_seq=since)
+            self.current = addresses[len(self.ends) % len(addresses)]
+            async with grpc.aio.insecure_channel(self.current) as ch:
+                call = ch.unary_stream(
+                    "/chat.v1.ChatService/StreamMessages",
+                    request_serializer=bytes,
+                    response_deserializer=pb.StreamItem.FromString,
+                )
+                try:
+                    async for item in call(request, metadata=metadata):
+                        self.seqs.append(item.seq)
+                except grpc.aio.AioRpcError as exc:
+                    self.ends.append(exc.code().name)
+            await asyncio.sleep(0.2)
 
 
 # --- one whole system on its own NATS server -------------------------------------------

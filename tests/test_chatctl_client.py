@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import nats.errors
 import pytest
 from chatctl.client import ChatClient, StreamedMessage
 from chatctl.errors import IdempotencyConflict, NatsUnreachable, UsageError
@@ -91,30 +90,25 @@ async def test_stream_replays_from_since_then_continues_live_for_its_rooms_only(
 
 async def test_stream_without_since_is_live_only(client: ChatClient) -> None:
     await client.send(room="dev", content="before", sender="bot")
+    before = (await client.js.stream_info(names.STREAM_CHAT)).state.consumer_count
     stream = client.stream(["dev"])
     first = asyncio.ensure_future(take(stream, 1))
-    # The stream subscribes on first iteration; wait for its interest to reach the server.
-    await _until_subscribed(client, names.live_subject("chat.room.dev"))
+    # The stream creates its consumer on first iteration; wait for it on the server.
+    await _until_consumer(client, before)
     _, seq = await client.send(room="dev", content="after", sender="bot")
     [item] = await first
     assert (item.seq, item.message.content) == (seq, "after")
     await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def _until_subscribed(client: ChatClient, subject: str) -> None:
-    """A core request gets no-responders until someone subscribes; the stream ignores it
-    (no Nats-Sequence header), so the request then times out instead."""
+async def _until_consumer(client: ChatClient, before: int) -> None:
+    """The stream's (ordered, ephemeral) consumer exists on CHAT."""
 
-    async def subscribed() -> bool:
-        try:
-            await client.nc.request(subject, b"", timeout=0.2)
-        except nats.errors.NoRespondersError:
-            return False
-        except nats.errors.TimeoutError:
-            return True
-        return True
+    async def consuming() -> bool:
+        info = await client.js.stream_info(names.STREAM_CHAT)
+        return info.state.consumer_count > before
 
-    await wait_until(subscribed, f"a subscriber on {subject}")
+    await wait_until(consuming, "a consumer on CHAT")
 
 
 async def test_dm_stream_gets_both_directions_once_and_nobody_elses_dms(

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from websockets.asyncio.client import connect
 
 from tests.reference_protobuf import official, protobufjs_dir
-from tests.system_fixtures import SystemRun, mint_token, system_run
+from tests.system_fixtures import GrpcReader, SystemRun, mint_token, system_run
 from tests.waiting import wait_until
 
 STREAM_BUFFER = 20
@@ -240,7 +240,12 @@ async def test_a_slow_stream_ends_resource_exhausted_with_the_seq_to_resume_from
         ref.ChatMessage(room="firehose", content="start", client_id="fh-start"),
         metadata=auth("pumper"),
     )
-    stream = stub.StreamMessages(
+    # A client that reads nothing; without BDP probing its HTTP/2 window stays at 64 KiB,
+    # so the server's writes block after a few of these messages.
+    slow_channel = grpc.aio.insecure_channel(
+        run.system.grpc_addresses()[0], options=[("grpc.http2.bdp_probe", 0)]
+    )
+    stream = ref.ChatServiceStub(slow_channel).StreamMessages(
         ref.StreamRequest(rooms=["firehose"], since_seq=start.seq), metadata=auth("slowpoke")
     )
     first_live = None
@@ -273,6 +278,7 @@ async def test_a_slow_stream_ends_resource_exhausted_with_the_seq_to_resume_from
     )
     assert (await asyncio.wait_for(resumed.read(), 10)).seq == delivered[-1] + 1
     resumed.cancel()
+    await slow_channel.close()
 
 
 async def test_a_node_grpc_js_client_sends_and_streams_through_the_same_proto(
@@ -349,29 +355,6 @@ async def send_until_acked(run: SystemRun, i: int) -> int:
     raise AssertionError(f"message {i} never acked")
 
 
-async def read_resuming(run: SystemRun, seen: list[int], ends: list[Any]) -> None:
-    """Stream the room, resuming after every end (listed in `ends`) from the last seq
-    received."""
-    ref = official()
-    while True:
-        addresses = run.system.grpc_addresses()
-        if not addresses:
-            await asyncio.sleep(0.1)
-            continue
-        since = seen[-1] if seen else 1
-        async with grpc.aio.insecure_channel(addresses[0]) as channel:
-            stream = ref.ChatServiceStub(channel).StreamMessages(
-                ref.StreamRequest(rooms=["crash"], since_seq=since), metadata=auth("reader")
-            )
-            try:
-                async for item in stream:
-                    seen.append(item.seq)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() in RETRYABLE, exc
-                ends.append(exc.code())
-        await asyncio.sleep(0.1)
-
-
 async def test_a_stream_resumes_exactly_across_an_rpc_sigkill_and_a_nats_restart(
     tmp_path: Any, pg_server: PostgresServer
 ) -> None:
@@ -388,22 +371,22 @@ async def test_a_stream_resumes_exactly_across_an_rpc_sigkill_and_a_nats_restart
         # A marker opens the room so the reader's since_seq starts before everything.
         start = await send_until_acked(crashing, -1)
         seen: list[int] = [start]
-        ends: list[Any] = []
-        reader = asyncio.create_task(read_resuming(crashing, seen, ends))
+        reader = GrpcReader(crashing.system.grpc_addresses, ["crash"], "reader", seqs=seen)
+        reading = asyncio.create_task(reader.run())
         acked: list[int] = []
         for i in range(total):
             acked.append(await send_until_acked(crashing, i))
             if i == total // 3:
-                crashing.system.kill("rpc-0")  # the reader's replica
+                crashing.system.kill(crashing.system.rpc_at(reader.current))
             if i == 2 * total // 3:
                 await asyncio.to_thread(crashing.nats.restart)
         await wait_until(lambda: set(acked) <= set(seen), "the reader has every acked message",
                          timeout=30)  # fmt: skip
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
         assert seen[1:] == sorted(set(acked)), "a gap, a duplicate or a reorder"
         # The stream did end (and resume) at the kill and at the NATS restart.
-        assert len(ends) >= 2, ends
+        assert len(reader.ends) >= 2, reader.ends
 
         # A replica that is stopped ends its streams UNAVAILABLE with the seq to resume
         # from, finishes, and exits 0.

@@ -3,11 +3,13 @@
 Clients chat in rooms and DMs (sequence-numbered messages) while, in turn: an archive
 replica is SIGKILLed, a gateway is SIGKILLed (its clients reconnect to the other gateway
 with resume_seq and recover), presence is killed and restarted, Postgres is killed and
-restarted, NATS is restarted. Afterwards:
+restarted, NATS is restarted, an rpc replica is SIGKILLed. Afterwards:
 
 - every acked message is in Postgres exactly once (and every CHAT message too);
 - every client saw every message of its rooms and DMs exactly once, in order;
 - each ack names the message the CHAT log holds at that seq;
+- a gRPC StreamMessages reader, resuming from its last seq after every end (the rpc
+  kill, the NATS restart), saw every message of its rooms exactly once, in order;
 - presence says exactly who is connected.
 
 `make test` runs 5,000 messages; `make test-chaos` a longer run (20,000).
@@ -29,6 +31,7 @@ from devtools.servers import NatsServer, PostgresServer
 
 from tests.system_fixtures import (
     ChatSystem,
+    GrpcReader,
     LoggedMessage,
     ScoringClient,
     archived_id_counts,
@@ -123,7 +126,7 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
     nats_server = await asyncio.to_thread(NatsServer.deployed(tmp / "nats").start)
     pg = await asyncio.to_thread(PostgresServer(tmp / "pg").start)
     database_url = await create_database(pg.url)
-    system = ChatSystem([nats_server.url], database_url, tmp / "logs")
+    system = ChatSystem([nats_server.url], database_url, tmp / "logs", rpcs=2)
     clients: list[ScoringClient] = []
     supervisors: list[asyncio.Task[None]] = []
     import nats
@@ -138,6 +141,8 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
             await client.connect()
             clients.append(client)
         supervisors = [asyncio.create_task(c.supervise()) for c in clients]
+        reader = GrpcReader(system.grpc_addresses, ["lobby", *ROOMS])
+        supervisors.append(asyncio.create_task(reader.run()))
         load = Load(clients, total, rate)
         load_task = asyncio.create_task(load.run())
         step = total // 7
@@ -179,9 +184,15 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
 
         await fault("Postgres SIGKILL + restart", postgres_restart, 4 * step)
         await fault("NATS restart", lambda: asyncio.to_thread(nats_server.restart), 5 * step)
+        await fault(
+            "SIGKILL the gRPC reader's rpc replica",
+            lambda: system.kill(system.rpc_at(reader.current)),
+            6 * step,
+        )
 
         await asyncio.wait_for(load_task, timeout=120)
         await check_outcome(system, nc, clients, database_url, gateway0_users)
+        await check_grpc_reader(nc, reader)
     finally:
         for task in supervisors:
             task.cancel()
@@ -255,6 +266,19 @@ async def check_outcome(
             return False
 
     await wait_until(presence_exact, f"presence shows exactly {expected}", timeout=20)
+
+
+async def check_grpc_reader(nc: object, reader: GrpcReader) -> None:
+    """The gRPC reader holds exactly the CHAT log's messages of its rooms, in order."""
+    from nats.aio.client import Client as NATS
+
+    assert isinstance(nc, NATS)
+    subjects = {f"chat.room.{r}" for r in reader.rooms}
+    expected = [m.seq for m in await chat_log(nc) if m.subject in subjects]
+    await wait_until(lambda: reader.seqs[-1:] == expected[-1:], "the gRPC reader caught up", 20)
+    assert reader.seqs == expected, "the gRPC reader has a gap, a duplicate or a reorder"
+    # It did resume: once at the NATS restart, once at the rpc kill (at least).
+    assert len(reader.ends) >= 2, reader.ends
 
 
 async def _wait_for(check: Callable[[], Awaitable[list[str] | bool]], timeout: float) -> object:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -38,11 +37,6 @@ from chatctl.errors import (
     ServiceUnavailable,
     UsageError,
 )
-
-# How many recent live sequences to remember to drop a message seen twice (a self-DM
-# matches both DM wildcards).
-_SEEN_WINDOW = 1024
-_REPLAY_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -302,24 +296,24 @@ class ChatClient:
     ) -> AsyncIterator[StreamedMessage]:
         """Messages of `rooms` (and the DMs of `dm_user`) with sequence > `since`, then live.
 
-        No gap and no duplicate at the seam: the live subjects are subscribed (and
-        buffered) before the stream's last sequence L is read, the stored messages up to
-        L are replayed from the CHAT stream, and buffered live messages at or below L are
-        dropped. since=None: live only. Messages older than the stream keeps (its max
-        age/size) cannot be replayed; fetch them with history()."""
+        One JetStream ordered consumer on the CHAT stream, filtered to those subjects,
+        from `since` + 1: the replay and the live messages come through the same
+        subscription, in stream order across all the rooms, so the last seq received is
+        always a safe resume point (several core subscriptions, one per room, would each
+        keep their own order but not the order between them). The consumer re-creates
+        itself from the last seq after a missed heartbeat or a gap. since=None: live only.
+        Messages older than the stream keeps (its max age/size) cannot be replayed; fetch
+        them with history()."""
         for room in rooms:
             check_name("room", room)
         if dm_user is not None:
             check_name("user", dm_user)
         if not rooms and dm_user is None:
             raise UsageError("stream needs at least one room or a dm_user")
-
-        live_subjects = [names.live_subject(names.room_subject(r)) for r in rooms]
-        # Replay filters must not overlap, so a user's DMs replay from all DMs and are
-        # filtered here; the two live wildcards are cheap and deduplicated by sequence.
+        # Consumer filters must not overlap, so a user's DMs come from all DMs and are
+        # filtered here.
         filters = [names.room_subject(r) for r in dict.fromkeys(rooms)]
         if dm_user is not None:
-            live_subjects += [names.live_subject(s) for s in names.dm_subjects_of(dm_user)]
             filters.append(names.DM_ALL)
 
         def wanted(subject: str) -> bool:
@@ -331,84 +325,29 @@ class ChatClient:
                 return key in rooms
             return dm_user is not None and dm_user in key.split(".")
 
-        buffer: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def enqueue(msg: Msg) -> None:
-            buffer.put_nowait(msg)
-
-        subs = [await self.nc.subscribe(s, cb=enqueue) for s in dict.fromkeys(live_subjects)]
-        try:
-            # The server has our interest once the flush round-trip returns; anything
-            # stored after the stream info below is then sure to reach the buffer.
-            await self.nc.flush(timeout=max(1, round(self.request_timeout)))
-            try:
-                info = await self.js.stream_info(names.STREAM_CHAT)
-            except NotFoundError as exc:
-                raise ServiceUnavailable(f"stream {names.STREAM_CHAT} does not exist") from exc
-            last = info.state.last_seq
-            floor = last if since is None else max(since, last)
-            if since is not None and since < last:
-                async for item in self._replay(filters, since + 1, last):
-                    if wanted(item.subject):
-                        yield item
-            seen: deque[int] = deque(maxlen=_SEEN_WINDOW)
-            while True:
-                msg = await buffer.get()
-                live = self._live_item(msg)
-                if live is None or live.seq <= floor or live.seq in seen:
-                    continue
-                seen.append(live.seq)
-                yield live
-        finally:
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-
-    async def _replay(
-        self, filters: list[str], start: int, last: int
-    ) -> AsyncIterator[StreamedMessage]:
-        """Stored messages matching `filters` with start <= seq <= last, in order."""
         config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-            ack_policy=api.AckPolicy.NONE,
             filter_subjects=filters,
-            inactive_threshold=30.0,
-            mem_storage=True,
+            deliver_policy=(
+                api.DeliverPolicy.NEW if since is None else api.DeliverPolicy.BY_START_SEQUENCE
+            ),
+            opt_start_seq=None if since is None else since + 1,
         )
-        psub = await self.js.pull_subscribe("", stream=names.STREAM_CHAT, config=config)
         try:
-            if (await psub.consumer_info()).num_pending == 0:
-                return
-            while True:
-                msgs = await psub.fetch(_REPLAY_BATCH, timeout=self.request_timeout)
-                for msg in msgs:
-                    meta = msg.metadata
-                    seq = meta.sequence.stream
-                    if seq > last:
-                        return  # live from here on: the buffer has it
-                    message = _decode_chat(msg)
-                    if message is not None:
-                        yield StreamedMessage(seq, msg.subject, message)
-                    if seq >= last or meta.num_pending == 0:
-                        return
+            sub = await self.js.subscribe(
+                "", stream=names.STREAM_CHAT, config=config, ordered_consumer=True
+            )
+        except NotFoundError as exc:
+            raise ServiceUnavailable(f"stream {names.STREAM_CHAT} does not exist") from exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise ServiceUnavailable(f"JetStream did not answer: {exc}") from exc
+        try:
+            async for msg in sub.messages:
+                message = _decode_chat(msg)
+                if message is not None and wanted(msg.subject):
+                    yield StreamedMessage(msg.metadata.sequence.stream, msg.subject, message)
         finally:
             with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self.js.delete_consumer(names.STREAM_CHAT, psub._consumer)
-
-    @staticmethod
-    def _live_item(msg: Msg) -> StreamedMessage | None:
-        seq_header = (msg.headers or {}).get(names.HEADER_SEQUENCE, "")
-        if not seq_header.isdigit():
-            return None
-        message = _decode_chat(msg)
-        if message is None:
-            return None
-        # live.chat.room.x -> chat.room.x: report the subject the message was stored on.
-        subject = msg.subject.removeprefix(names.LIVE_PREFIX + ".")
-        return StreamedMessage(int(seq_header), subject, message)
+                await sub.unsubscribe()
 
 
 def _decode_chat(msg: Msg) -> pb.ChatMessage | None:

@@ -187,15 +187,17 @@ class PostgresServer:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _cmd(self, *args: str) -> list[str]:
-        return list(args)
-
-    def _as_user(self) -> dict[str, object]:
-        """Popen options that drop root in the child itself, so the child we hold *is*
-        the postmaster (a wrapper like runuser would leave it orphaned on SIGKILL)."""
+        """As root, drop to the system user with setpriv, which execs the command in
+        place: the child we hold *is* the postmaster (a wrapper like runuser would leave
+        it orphaned on SIGKILL). Not Popen(user=...): that forks a copy of this process,
+        whose fork handlers (grpc's, in the tests) can crash the child before its exec."""
         if not self.run_as:
-            return {}
+            return list(args)
         entry = pwd.getpwnam(self.run_as)
-        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        return [
+            "setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+            *args,
+        ]  # fmt: skip
 
     def init(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
@@ -212,7 +214,7 @@ class PostgresServer:
                 str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
                 "--auth=trust", "--encoding=UTF8", "--no-sync",
             ),
-            check=True, capture_output=True, **self._as_user(),  # type: ignore[call-overload]
+            check=True, capture_output=True,
         )  # fmt: skip
 
     def start(self) -> PostgresServer:
@@ -225,7 +227,7 @@ class PostgresServer:
                 "-c", "max_connections=200", "-c", "shared_buffers=128MB",
                 "-c", "fsync=on", "-c", "synchronous_commit=on",
             ),
-            stdout=log, stderr=subprocess.STDOUT, **self._as_user(),  # type: ignore[call-overload]
+            stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         wait_for_port(self.port, timeout=30, proc=self.proc)
         self._wait_accepting()
