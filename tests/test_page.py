@@ -32,6 +32,7 @@ import pytest
 
 from tests.conftest import delete_all_streams
 from tests.system_fixtures import ChatSystem
+from tests.tcp_proxy import TcpProxy
 from tests.test_browser import CHROMIUM_ARGS, IN_CI, find_chromium, skip_or_fail
 
 pytestmark = pytest.mark.browser
@@ -549,6 +550,42 @@ async def test_offline_then_gateway_restart_sends_the_queued_message_once_and_co
         await expect(bob.message(alice.name, "typed while offline")).to_have_count(1)
     finally:
         await close_all(alice, bob)
+
+
+async def test_a_black_holed_socket_is_detected_by_ping_and_the_message_goes_once(
+    browser: Any, system: ChatSystem
+) -> None:
+    """No offline event here: the path to the gateway silently drops everything (a dead
+    Wi-Fi, a NAT that forgot us). The unanswered send makes the page ping; no pong within
+    its timeout means a dead socket: it says so, reconnects and resends once."""
+    from playwright.async_api import expect
+
+    gateway = system.procs["gateway-0"]
+    with TcpProxy(gateway.http_port) as proxy:
+        bob = await new_person(browser, system, unique("bob"))
+        context = await browser.new_context(viewport={"width": 1100, "height": 760})
+        await context.add_init_script(INIT_SCRIPT)
+        alice = Person(unique("alice"), await context.new_page())
+        try:
+            await alice.page.goto(f"http://127.0.0.1:{proxy.port}/")
+            await alice.page.fill("#name", alice.name)
+            await alice.page.click("#signin")
+            await alice.page.wait_for_selector("#status[data-state=online]", timeout=WAIT_MS)
+            proxy.stall()
+            await alice.say("into the void")
+            await expect(alice.page.locator("#status")).not_to_have_attribute(
+                "data-state", "online", timeout=15_000
+            )
+            proxy.set_pass()
+            await expect(alice.page.locator("#status")).to_have_attribute(
+                "data-state", "online", timeout=30_000
+            )
+            await expect(bob.message(alice.name, "into the void")).to_have_count(1, timeout=WAIT_MS)
+            await alice.say("and after")
+            await expect(bob.message(alice.name, "and after")).to_have_count(1, timeout=WAIT_MS)
+            await expect(bob.message(alice.name, "into the void")).to_have_count(1)
+        finally:
+            await close_all(alice, bob)
 
 
 async def test_hidden_tab_gets_title_count_favicon_badge_and_a_notification_for_a_dm(

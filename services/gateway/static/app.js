@@ -12,6 +12,7 @@ const BACKOFF_MS = [300, 1000, 2000, 4000, 6000];
 const PING_EVERY_MS = 15000; // application ping while connected
 const PONG_TIMEOUT_MS = 5000; // no frame at all within this after a ping: the socket is dead
 const ACK_PROBE_MS = 4000; // a send unanswered this long triggers a ping
+const CONNECT_TIMEOUT_MS = 10000; // no welcome this long after connecting: try again
 const DEFAULT_ROOM = "lobby"; // always joined: it cannot be left (README)
 const NAME_RULE = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const COUNTER_FROM = 0.8; // show the size counter from 80 % of the content limit
@@ -35,6 +36,7 @@ const state = {
   reconnectAttempt: 0,
   reconnectTimer: null,
   reconnectAt: 0,
+  connectTimer: null,
   pingTimer: null,
   pongTimer: null,
   maxSeq: 0, // highest CHAT sequence seen: sent as resume_seq
@@ -455,6 +457,10 @@ function connect() {
   setStatus(state.everConnected ? "reconnecting" : "connecting");
   const ws = new WebSocket(wsUrl());
   state.ws = ws;
+  clearTimeout(state.connectTimer);
+  state.connectTimer = setTimeout(() => {
+    if (state.ws === ws && !state.connected) socketDead(); // a handshake into a black hole
+  }, CONNECT_TIMEOUT_MS);
   ws.addEventListener("open", () => {
     if (state.ws !== ws) return;
     const hello = { type: "hello", v: PROTOCOL_VERSION, token: state.token, rooms: [...state.rooms] };
