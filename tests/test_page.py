@@ -248,6 +248,14 @@ async def submit_many(person: Person, texts: list[str]) -> None:
     )
 
 
+async def archived_count(system: ChatSystem, sender: str) -> int:
+    conn = await asyncpg.connect(system.database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM messages WHERE sender = $1", sender))
+    finally:
+        await conn.close()
+
+
 async def _equals(value: Awaitable[Any], expected: Any) -> bool:
     return bool(await value == expected)
 
@@ -434,6 +442,7 @@ async def test_keyboard_only_sign_in_join_send_dm_and_scroll_back(
     # History to scroll back through: more than one page (50).
     await submit_many(bob, [f"old {i}" for i in range(70)])
     await expect(bob.page.locator("#message-list li.pending")).to_have_count(0, timeout=WAIT_MS)
+    await wait_for(lambda: _equals(archived_count(system, bob.name), 70), what="70 archived")
 
     alice = await new_person(browser, system, unique("alice"), sign_in=False)
     page = alice.page
@@ -460,6 +469,9 @@ async def test_keyboard_only_sign_in_join_send_dm_and_scroll_back(
         await tab_to(alice, "#messages")
         await page.keyboard.press("Home")
         await expect(alice.message(bob.name, "old 0")).to_have_count(1, timeout=WAIT_MS)
+        # The older page went in above without moving what was being read.
+        await expect(alice.message(bob.name, "old 20")).to_be_in_viewport()
+        await expect(alice.message(bob.name, "old 0")).not_to_be_in_viewport()
 
         # Alt+Up/Down moves between threads.
         await page.keyboard.press("Alt+ArrowUp")
