@@ -353,6 +353,11 @@ async def test_layout_holds_at_phone_tablet_and_desktop_sizes(
             else:
                 assert sizes["sidebarVisible"] and not sizes["menuVisible"], sizes
 
+        await page.click("#theme")  # and the other theme, to look at
+        await expect(page.locator("html")).to_have_attribute("data-theme", "dark")
+        await page.screenshot(path=str(ARTIFACTS / "page-1440x900-dark.png"))
+        await page.click("#theme")
+
         # The drawer on a phone: opens from the menu button, keeps focus inside, Esc closes.
         await page.set_viewport_size({"width": 375, "height": 740})
         await page.wait_for_function("() => window.innerWidth === 375")
@@ -360,6 +365,9 @@ async def test_layout_holds_at_phone_tablet_and_desktop_sizes(
         await page.keyboard.press("Enter")
         await expect(page.locator("#menu")).to_have_attribute("aria-expanded", "true")
         await expect(page.locator("#sidebar")).to_be_in_viewport()
+        await page.wait_for_function(  # the slide-in has finished
+            "() => document.getElementById('sidebar').getBoundingClientRect().left === 0"
+        )
         await page.screenshot(path=str(ARTIFACTS / "page-375x740-drawer.png"))
         for _ in range(25):
             await page.keyboard.press("Tab")
@@ -374,6 +382,11 @@ async def test_layout_holds_at_phone_tablet_and_desktop_sizes(
         await page.click("#menu")
         await page.click('#rooms li[data-room="lobby"] .thread-button')
         await expect(page.locator("#menu")).to_have_attribute("aria-expanded", "false")
+        # Reduced motion: the drawer does not slide.
+        slide = "() => getComputedStyle(document.getElementById('sidebar')).transitionDuration"
+        assert await page.evaluate(slide) != "0s"
+        await page.emulate_media(reduced_motion="reduce")
+        assert await page.evaluate(slide) == "0s"
         assert alice.errors == [] and bob.errors == []
     finally:
         await close_all(alice, bob)
@@ -629,14 +642,22 @@ async def test_hidden_tab_gets_title_count_favicon_badge_and_a_notification_for_
         )
         notes = await page.evaluate("() => window.__notifications")
         assert notes[0]["body"] == "psst" and bob.name in notes[0]["title"]
+        # A mention in a room notifies too.
+        await bob.page.click('#rooms li[data-room="lobby"] .thread-button')
+        await bob.say(f"ping @{alice.name}")
+        await expect(page).to_have_title("(3) natschat", timeout=WAIT_MS)
+        await wait_for(
+            lambda: page.evaluate("() => window.__notifications.length === 2"),
+            what="a notification for the mention",
+        )
 
         # Own messages never notify; coming back clears the count.
         await page.evaluate("() => window.__setVisibility('visible')")
         await expect(page).to_have_title("natschat")
         await expect(favicon).to_have_attribute("data-unread", "0")
         await alice.say("my own words")
-        await expect(bob.message(alice.name, "my own words")).to_have_count(0)
-        assert len(await page.evaluate("() => window.__notifications")) == 1
+        await expect(bob.message(alice.name, "my own words")).to_have_count(1, timeout=WAIT_MS)
+        assert len(await page.evaluate("() => window.__notifications")) == 2
     finally:
         await close_all(alice, bob)
 
