@@ -392,6 +392,50 @@ async def test_layout_holds_at_phone_tablet_and_desktop_sizes(
         await close_all(alice, bob)
 
 
+async def test_on_a_touch_phone_enter_is_a_new_line_send_sends_and_a_swipe_closes_the_drawer(
+    browser: Any, system: ChatSystem
+) -> None:
+    from playwright.async_api import expect
+
+    alice = await new_person(
+        browser, system, unique("alice"), viewport=SIZES[0], has_touch=True, is_mobile=True
+    )
+    try:
+        page = alice.page
+        assert await page.evaluate("() => matchMedia('(pointer: coarse)').matches")
+        await page.tap("#composer")
+        await page.keyboard.type("two")
+        await page.keyboard.press("Enter")
+        await page.keyboard.type("lines")
+        assert await page.input_value("#composer") == "two\nlines"
+        grown = await page.evaluate("() => document.getElementById('composer').offsetHeight")
+        await page.tap("#send")
+        await expect(alice.message(alice.name, "two\nlines")).to_have_attribute(
+            "data-state", "acked", timeout=WAIT_MS
+        )
+        assert await page.input_value("#composer") == ""
+        shrunk = await page.evaluate("() => document.getElementById('composer').offsetHeight")
+        assert grown > shrunk  # it grew with its content, and shrinks back
+
+        await page.tap("#menu")
+        await expect(page.locator("#menu")).to_have_attribute("aria-expanded", "true")
+        await page.evaluate(
+            """() => {
+              const side = document.getElementById("sidebar");
+              const touch = (x) =>
+                new Touch({ identifier: 1, target: side, clientX: x, clientY: 300 });
+              const fire = (type, key, x) =>
+                side.dispatchEvent(new TouchEvent(type, { [key]: [touch(x)], bubbles: true }));
+              fire("touchstart", "touches", 250);
+              fire("touchend", "changedTouches", 60);
+            }"""
+        )
+        await expect(page.locator("#menu")).to_have_attribute("aria-expanded", "false")
+        assert alice.errors == []
+    finally:
+        await close_all(alice)
+
+
 async def test_axe_finds_nothing_serious_on_sign_in_room_and_dm_in_both_themes(
     browser: Any, system: ChatSystem, axe_source: str
 ) -> None:
