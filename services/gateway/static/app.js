@@ -298,6 +298,11 @@ function refreshTimes() {
     const label = timeLabel(Number(t.dataset.ts));
     if (t.textContent !== label) t.textContent = label;
   }
+  // After midnight "Today" becomes "Yesterday".
+  for (const d of document.querySelectorAll("#message-list li.day")) {
+    const label = dayLabel(Number(d.dataset.day));
+    if (d.firstChild.textContent !== label) d.firstChild.textContent = label;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
