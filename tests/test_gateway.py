@@ -72,6 +72,21 @@ async def test_a_room_message_reaches_only_members_of_that_room(
         assert not carol.messages(content="after carol left")
 
 
+async def test_the_lobby_cannot_be_left(gateways: list[GatewayProc]) -> None:
+    """README: `lobby` is always joined; a `leave` of it is refused and changes nothing."""
+    a, b = gateways
+    async with clients(ChatClient.connect(a, "alice"), ChatClient.connect(b, "bob")) as (
+        alice,
+        bob,
+    ):
+        await alice.send({"type": "leave", "room": "lobby"})
+        refused = await alice.expect(type="error", code="bad_room")
+        assert refused["ref"] == "leave"
+        assert not alice.matching(type="left")
+        await bob.send_room("lobby", "still here?")
+        await alice.expect(type="message", content="still here?", room="lobby")
+
+
 async def test_a_dm_reaches_every_session_of_the_recipient_and_the_senders_other_sessions(
     gateways: list[GatewayProc],
 ) -> None:

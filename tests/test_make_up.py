@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,3 +116,25 @@ async def test_make_up_runs_nats_and_postgres_and_ctrl_c_leaves_nothing_behind(
     finally:
         ctrl_c(proc)
     assert proc.returncode == 0
+
+
+def test_ctrl_c_stops_the_services_before_the_servers_so_they_drain_cleanly(
+    tmp_path: Path, up_ports: dict[str, str]
+) -> None:
+    """The terminal's SIGINT goes to the whole process group: the embedded NATS and Postgres
+    must not get it, or they die while the services are still draining into them."""
+    proc = start_up(tmp_path, up_ports)
+    try:
+        banner = read_until_ready(proc)
+    finally:
+        ctrl_c(proc)
+    assert proc.returncode == 0
+    # What `make up` prints is runnable here: chatctl, and the nats CLI only as an option.
+    assert re.search(r"chatctl --server nats://\S+ stats", banner), banner
+    assert "XDG_RUNTIME_DIR" not in banner
+    logs = tmp_path / "logs"
+    texts = {p.name: p.read_text(errors="replace") for p in logs.glob("*.log")}
+    assert "archive.log" in texts and "presence.log" in texts
+    for name, text in texts.items():
+        for bad in ("drain failed", "connection reconnecting", "ConnectionDoesNotExistError"):
+            assert bad not in text, f"{name}: {bad!r} after Ctrl-C:\n{text[-3000:]}"

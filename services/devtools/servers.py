@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 
 PG_SYSTEM_USER = "chatpg"
@@ -133,8 +134,14 @@ class NatsServer:
             "-js", "-sd", str(self.store_dir / "js"), *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_file, "ab")
+        # Its own session: a terminal's Ctrl-C (sent to the whole process group) must not
+        # stop NATS while the services are still draining into it; whoever started it stops it.
         self.proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
         )
         wait_for_port(self.port, proc=self.proc)
         wait_for_port(self.monitor_port, proc=self.proc)
@@ -228,6 +235,7 @@ class PostgresServer:
                 "-c", "fsync=on", "-c", "synchronous_commit=on",
             ),
             stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # shielded from a terminal's Ctrl-C, as NATS above
         )  # fmt: skip
         wait_for_port(self.port, timeout=30, proc=self.proc)
         self._wait_accepting()
@@ -293,7 +301,11 @@ def _wait_gone(data_dir: Path, timeout: float = 15.0) -> None:
 
 def _postgres_bin_dir() -> Path:
     try:
-        import pgserver  # noqa: F401
+        with warnings.catch_warnings():
+            # platformdirs (under pgserver) warns when XDG_RUNTIME_DIR is unset (root shells,
+            # containers): harmless here, and it reads like a crash.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+            import pgserver  # noqa: F401
         from pgserver._commands import POSTGRES_BIN_PATH
 
         return Path(POSTGRES_BIN_PATH)

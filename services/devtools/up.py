@@ -100,7 +100,7 @@ def main() -> None:
         if not database_url:
             pg_server = PostgresServer(DATA / "pg", port=PG_PORT).start()
             database_url = asyncio.run(ensure_database(pg_server.url, "chat"))
-        print(f"NATS      {nats_url}   (monitor: nats --server {nats_url} stream report)")
+        print(f"NATS      {nats_url}")
         print(f"Postgres  {database_url}")
         procs = plan(nats_url, database_url)
         for proc in procs:
@@ -117,6 +117,10 @@ def main() -> None:
             print(
                 f"gRPC      localhost:{GRPC_PORT}   (grpcurl -plaintext localhost:{GRPC_PORT} list)"
             )
+        print(
+            f"monitor   .venv/bin/chatctl --server {nats_url} stats   "
+            f"(or, if you have the optional nats CLI: nats --server {nats_url} stream report)"
+        )
         print("Ctrl-C stops everything.")
         while not stop["requested"]:
             signal.pause()

@@ -89,6 +89,9 @@ async def handle_join(frame: dict[str, Any], session: Session, deps: Deps) -> No
 
 async def handle_leave(frame: dict[str, Any], session: Session, deps: Deps) -> None:
     room = frames.room_of(frame, "leave")
+    if room == frames.LOBBY:
+        # Everyone is always in the lobby (hello joins it): it cannot be left.
+        raise FrameError("bad_room", f"{frames.LOBBY} is always joined and cannot be left", "leave")
     await deps.hub.leave(session, room)
     session.push(frames.dumps({"type": "left", "room": room}))
 
