@@ -30,10 +30,11 @@ import asyncpg
 import nats
 import pytest
 
+from tests import test_browser
 from tests.conftest import delete_all_streams
 from tests.system_fixtures import ChatSystem
 from tests.tcp_proxy import TcpProxy
-from tests.test_browser import CHROMIUM_ARGS, IN_CI, find_chromium, skip_or_fail
+from tests.test_browser import IN_CI
 
 pytestmark = pytest.mark.browser
 
@@ -82,19 +83,7 @@ def unique(prefix: str) -> str:
 # Fixtures: one browser, one system per module
 
 
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    executable = find_chromium()
-    if executable is None:
-        skip_or_fail("no Chromium found (install chromium or set CHROMIUM_PATH)")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        skip_or_fail("playwright is not installed")
-    async with async_playwright() as pw:
-        instance = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield instance
-        await instance.close()
+browser = test_browser.browser  # the session's Chromium, under its name in this module
 
 
 @pytest.fixture(scope="module")
