@@ -173,12 +173,13 @@ def test_compose_runs_the_whole_system_with_healthy_dependencies() -> None:
     assert "proxy_set_header Upgrade $http_upgrade" in nginx
     assert "gateway:" in nginx
     # No engine's DNS address in the config: the entry point fills in the container's own.
-    assert "resolver ${NGINX_LOCAL_RESOLVERS} " in nginx
+    assert "resolver ${CHAT_DNS_RESOLVER} " in nginx
     assert not [ln for ln in nginx.splitlines() if ln.startswith("resolver 127.")]
-    assert proxy["environment"]["NGINX_ENTRYPOINT_LOCAL_RESOLVERS"]
-    assert any(
-        v.endswith("/etc/nginx/templates/default.conf.template:ro") for v in proxy["volumes"]
-    )
+    assert "CHAT_DNS_RESOLVER" in proxy["environment"]
+    mounts = [v.split(":")[1] for v in proxy["volumes"]]
+    assert "/etc/nginx/templates/default.conf.template" in mounts
+    assert "/docker-entrypoint.d/16-chat-resolver.envsh" in mounts
+    assert os.access(ROOT / "deploy" / "nginx" / "16-chat-resolver.envsh", os.X_OK)
     # podman-compose (1.0) and Docker Compose v2 both honour replicated replicas.
     for name in ("gateway", "archive"):
         assert services[name]["deploy"]["mode"] == "replicated"
