@@ -740,6 +740,28 @@ async def chat_check(stack: Stack) -> None:
     # order; every acked message must be in Postgres, every stop must exit 0 in time.
     burst = await alice.send_many("lobby", "burst", 40)
     burst_ids = await alice.wait_acked(burst)
+    # The killed gateway comes back (as `docker compose up -d` would start it); then the
+    # gateway holding both users is stopped: it must drain (close 1001, exit 0 in time)
+    # and both resume through nginx on the other one without a gap.
+    run("podman", "start", placed["alice"], capture=True)
+    await asyncio.to_thread(wait_healthy, stack, [placed["alice"]])
+    holder = placed["bob"]
+    if gateway_connections(holder) != 2:
+        raise CheckFailed(f"expected alice and bob on {holder}")
+    stopped = await asyncio.to_thread(stop_and_check, stack, "gateway", holder)
+    for user in (alice, bob):
+        assert user.ws and user._reader
+        await asyncio.wait([user._reader], timeout=10)
+        if user.ws.close_code != 1001:
+            raise CheckFailed(f"{user.name}: close {user.ws.close_code} from a draining gateway")
+    await bob.connect(resume=True)
+    after = await bob.send_many("lobby", "while alice reconnects", 5)
+    after_ids = await bob.wait_acked(after)
+    await alice.connect(resume=True)  # replays what bob sent meanwhile
+    await alice.wait_for(lambda: all(i in alice.seen for i in after_ids), "messages after drain")
+    log(f"  {stopped[0]}; alice and bob got 1001 and resumed on {placed['alice']}")
+    all_ids += after_ids
+
     # alice and bob stay connected: the stops must not wait on their open sockets.
     await asyncio.to_thread(stop_all, stack, burst_ids + scaled_ids + all_ids)
     for user in (alice, bob):
@@ -750,9 +772,9 @@ async def chat_check(stack: Stack) -> None:
         log(f"{user.name}'s socket closed with code {user.ws.close_code}")
 
 
-def stop_and_check(stack: Stack, service: str) -> list[str]:
+def stop_and_check(stack: Stack, service: str, only: str | None = None) -> list[str]:
     results = []
-    for name in stack.containers(service):
+    for name in [only] if only else stack.containers(service):
         grace = stack.grace(service)
         start = time.monotonic()
         run("podman", "stop", "-t", str(int(grace)), name, capture=True, timeout=grace + 30)
