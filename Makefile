@@ -51,4 +51,4 @@ bench: $(STAMP) ## Run the benchmarks; figures go to bench-results/
 	$(BIN)/python -m devtools.bench
 
 clean: ## Remove the virtualenv, local data and caches
-	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache bench-results
+	rm -rf $(VENV) .data .cache .mypy_cache .ruff_cache .pytest_cache bench-results

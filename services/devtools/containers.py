@@ -314,6 +314,9 @@ def build_app_image() -> None:
         run(*args, "-t", APP_IMAGE, ".", cwd=ROOT, capture=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Earlier builds of the image and its build stage (373 MB each) would pile up as
+    # untagged images; only images built on the stand-ins (their label) are pruned.
+    run("podman", "image", "prune", "-f", "--filter", "label=natschat.standin", capture=True)
 
 
 # --- 4. compose -------------------------------------------------------------------------
@@ -417,9 +420,13 @@ class Stack:
             run("podman", "volume", "rm", "-f", vol, check=False, capture=True)
 
 
-def logs_tail(name: str, lines: int = 40) -> str:
-    proc = run("podman", "logs", "--tail", str(lines), name, check=False, capture=True)
-    return (proc.stdout + proc.stderr).strip()
+def logs_tail(name: str, lines: int = 20) -> str:
+    """The first and the last lines of a container's log (start-up says most)."""
+    proc = run("podman", "logs", name, check=False, capture=True)
+    text = (proc.stdout + proc.stderr).strip().splitlines()
+    if len(text) <= 2 * lines:
+        return "\n".join(text)
+    return "\n".join([*text[:lines], f"... ({len(text) - 2 * lines} lines)", *text[-lines:]])
 
 
 def has_healthcheck(name: str) -> bool:
