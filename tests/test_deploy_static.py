@@ -1,8 +1,10 @@
 """The container and cluster files are right before an operator ever runs them.
 
-No Docker engine or cluster runs here: Dockerfiles go through hadolint, compose through
-the compose spec, every rendered Kubernetes manifest through kubernetes-validate
---strict, and our own cross-checks tie them to the code (settings, probes, permissions).
+No Docker engine or cluster runs here (`make test-containers` runs the image and the
+compose file for real with podman): Dockerfiles go through hadolint, compose through the
+compose spec, the Kubernetes overlays are rendered by `kubectl kustomize` and every
+manifest goes through kubernetes-validate --strict, and our own cross-checks tie them to
+the code (settings, probes, permissions).
 """
 
 from __future__ import annotations

@@ -201,7 +201,15 @@ def build_base() -> None:
         shutil.rmtree(rootfs, ignore_errors=True)
         mirror = debian_mirror()
         log("debootstrap --variant=minbase bookworm (mirror from the host's apt sources)")
-        run("debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror, capture=True)
+        for attempt in (1, 2, 3):  # a mirror's index can be mid-update: try again
+            shutil.rmtree(rootfs, ignore_errors=True)
+            proc = run(
+                "debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror,
+                capture=True, check=attempt == 3,
+            )  # fmt: skip
+            if proc.returncode == 0:
+                break
+            log(f"debootstrap failed (attempt {attempt}): {proc.stdout.strip()[-200:]}")
         run("tar", "-C", str(rootfs), "-cf", f"{tarball}.part", ".")
         os.replace(f"{tarball}.part", tarball)
         shutil.rmtree(rootfs, ignore_errors=True)
