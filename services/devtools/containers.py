@@ -507,6 +507,7 @@ class User:
     max_seq: int = 0
     frames: list[dict[str, Any]] = field(default_factory=list)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
 
     def base(self) -> str:
@@ -559,7 +560,7 @@ class User:
                 self.frames.append(frame)
                 if frame["type"] == "message":
                     if frame["id"] in self.seen:
-                        raise CheckFailed(f"{self.name}: duplicate message {frame}")
+                        self.duplicates.append(frame)
                     self.seen[frame["id"]] = frame
                     self.order.append(frame["id"])
                     self.max_seq = max(self.max_seq, int(frame["seq"]))
@@ -592,6 +593,8 @@ class User:
     async def wait_for(self, cond: Any, what: str, deadline_s: float = 20) -> None:
         deadline = time.monotonic() + deadline_s
         while not cond():
+            if self.duplicates:
+                raise CheckFailed(f"{self.name} got a message twice: {self.duplicates[0]}")
             if time.monotonic() > deadline:
                 errors = [f for f in self.frames if f["type"] == "error"][-5:]
                 raise CheckFailed(
@@ -701,6 +704,9 @@ async def chat_check(stack: Stack) -> None:
         lambda: all(i in alice.seen for i in missed_ids), "the messages missed while away"
     )
     await alice.wait_for(lambda: any(f["type"] == "resumed" for f in alice.frames), "resumed")
+    resumed = [f for f in alice.frames if f["type"] == "resumed"][-1]
+    if not resumed.get("complete"):
+        raise CheckFailed(f"alice's resume was not complete: {resumed}")
     log(f"killed {placed['alice']}: alice resumed with the {len(missed_ids)} messages she missed")
 
     # Kill an archive replica: history still comes from Postgres through the other one.
@@ -785,6 +791,8 @@ async def chat_check(stack: Stack) -> None:
         if not user._reader.done():
             raise CheckFailed(f"{user.name}'s socket is still open after everything stopped")
         log(f"{user.name}'s socket closed with code {user.ws.close_code}")
+        if user.duplicates:
+            raise CheckFailed(f"{user.name} got a message twice: {user.duplicates[0]}")
 
 
 def stop_and_check(stack: Stack, service: str, only: str | None = None) -> list[str]:
