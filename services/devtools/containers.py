@@ -186,10 +186,6 @@ def image_label(image: str, label: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def image_exists(image: str) -> bool:
-    return run("podman", "image", "exists", image, check=False).returncode == 0
-
-
 def build_base() -> None:
     key = hashlib.sha256(BASE_RECIPE.encode()).hexdigest()[:12]
     if image_label(BASE_IMAGE, "natschat.standin") == key:
