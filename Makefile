@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install up test test-chaos lint fmt proto proto-check bench clean
+.PHONY: help install up test test-containers test-chaos lint fmt proto proto-check bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,7 +22,15 @@ up: $(STAMP) ## Run the whole system locally (embedded NATS + Postgres unless NA
 	$(BIN)/python -m devtools.up
 
 test: $(STAMP) ## Run the test suite against real NATS and Postgres
-	$(BIN)/pytest -q -ra
+	@rc=0; $(BIN)/pytest -q -ra || rc=$$?; \
+	if [ -z "$$CHROMIUM_PATH" ] && ! command -v chromium >/dev/null 2>&1 \
+	   && ! command -v chromium-browser >/dev/null 2>&1 && ! command -v google-chrome >/dev/null 2>&1; then \
+	  echo "NOTE: no Chromium here, so the browser tests (tests/test_browser.py) were skipped:"; \
+	  echo "      sudo apt-get install chromium   (or set CHROMIUM_PATH), then make test again"; \
+	fi; exit $$rc
+
+test-containers: $(STAMP) ## Build the image and run docker-compose.yml for real with podman (root)
+	$(BIN)/python -m devtools.containers
 
 test-chaos: $(STAMP) ## Run the long fault-injection variants too
 	$(BIN)/pytest -q -ra -m chaos
@@ -43,4 +51,4 @@ bench: $(STAMP) ## Run the benchmarks; figures go to bench-results/
 	$(BIN)/python -m devtools.bench
 
 clean: ## Remove the virtualenv, local data and caches
-	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache bench-results
+	rm -rf $(VENV) .data .cache .mypy_cache .ruff_cache .pytest_cache bench-results

@@ -138,3 +138,27 @@ def test_ctrl_c_stops_the_services_before_the_servers_so_they_drain_cleanly(
     for name, text in texts.items():
         for bad in ("drain failed", "connection reconnecting", "ConnectionDoesNotExistError"):
             assert bad not in text, f"{name}: {bad!r} after Ctrl-C:\n{text[-3000:]}"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_make_up_plans_and_announces_one_gateway_per_port(count: int) -> None:
+    """UP_GATEWAY_PORTS=8000 (one gateway) or three work: one process and URL per port."""
+    from devtools import up
+
+    ports = [18000 + i for i in range(count)]
+    env = {**os.environ, "UP_GATEWAY_PORTS": ",".join(map(str, ports))}
+    code = (
+        "from devtools import up; "
+        "procs = up.plan('nats://x', 'postgresql://x'); "
+        "print([p.http_port for p in procs if p.module == 'gateway']); "
+        "print(up.open_line(up.GATEWAY_PORTS))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    planned, line = result.stdout.splitlines()
+    assert planned == str(ports)
+    assert line.startswith(f"Open http://localhost:{ports[0]}")
+    for port in ports:
+        assert line.count(f"http://localhost:{port}") == 1
+    assert up.open_line([8000]) == "Open http://localhost:8000"

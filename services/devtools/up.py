@@ -78,6 +78,15 @@ def plan(nats_url: str, database_url: str) -> list[ServiceProcess]:
     return procs
 
 
+def open_line(gateway_ports: list[int]) -> str:
+    """What to open: the first gateway's URL, then the others' (one, two or more)."""
+    urls = [f"http://localhost:{port}" for port in gateway_ports]
+    if len(urls) == 1:
+        return f"Open {urls[0]}"
+    others = "other gateways" if len(urls) > 2 else "second gateway"
+    return f"Open {urls[0]}  ({others}: {', '.join(urls[1:])})"
+
+
 def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     nats_server = pg_server = None
@@ -109,14 +118,10 @@ def main() -> None:
             proc.wait_ready(60)
             print(f"{proc.module:<9} ready on :{proc.http_port}   log: {proc.log_file}")
         if any(p.module == "gateway" for p in procs):
-            print(
-                f"\nOpen http://localhost:{GATEWAY_PORTS[0]}  (second gateway: "
-                f"http://localhost:{GATEWAY_PORTS[1]})"
-            )
+            print(f"\n{open_line([p.http_port for p in procs if p.module == 'gateway'])}")
         if any(p.module == "rpc" for p in procs):
-            print(
-                f"gRPC      localhost:{GRPC_PORT}   (grpcurl -plaintext localhost:{GRPC_PORT} list)"
-            )
+            grpcurl = f"grpcurl -plaintext localhost:{GRPC_PORT} list"
+            print(f"gRPC      localhost:{GRPC_PORT}   ({grpcurl})")
         print(
             f"monitor   .venv/bin/chatctl --server {nats_url} stats   "
             f"(or, if you have the optional nats CLI: nats --server {nats_url} stream report)"
