@@ -293,11 +293,16 @@ def test_probes_hit_paths_and_ports_the_services_serve(
     for svc, _, container in dc.k8s_service_containers(objs):
         settings = dc.build_settings(svc, dc.k8s_container_env(objs, container))
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            if "grpc" in container[probe]:  # rpc: the standard gRPC health service
+                port = container[probe]["grpc"]["port"]
+                assert _port_number(container, port) == settings.grpc_port, (svc, probe)  # type: ignore[attr-defined]
+                continue
             get = container[probe]["httpGet"]
             assert get["path"] in HEALTH_PATHS, (svc, probe)
             assert _port_number(container, get["port"]) == settings.http_port, (svc, probe)  # type: ignore[attr-defined]
-        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        ready = container["readinessProbe"]
+        assert "grpc" in ready or ready["httpGet"]["path"] == "/readyz"
 
 
 def test_pods_are_locked_down_with_resources_and_grace_above_the_drain(

@@ -379,7 +379,7 @@ class Stack:
                     value = str(port)
                 elif name == "CHAT_PUBLIC_ORIGIN":
                     value = f"http://localhost:{port}"
-                elif name in ("NATS_PORT", "NATS_MONITOR_PORT"):
+                elif name in ("NATS_PORT", "NATS_MONITOR_PORT", "CHAT_GRPC_PORT"):
                     value = str(free_port())
                 self.env[name] = value
                 line = f"{name}={value}"
@@ -690,6 +690,14 @@ async def chat_check(stack: Stack) -> None:
         raise CheckFailed(f"DM frame wrong: {alice.seen[dm_id]}")
     log("room message and DM delivered across the two gateways")
 
+    # The gRPC door on its published port: a guest token from nginx's /api/guest works
+    # there too, and what it sends reaches the WebSocket users.
+    bot = User("grpcbot", stack)
+    bot.login()
+    grpc_id = await grpc_send(stack, bot.token, "lobby", "hello over gRPC")
+    await bob.wait_for(lambda: grpc_id in bob.seen, "the message sent over gRPC")
+    log(f"gRPC SendMessage on :{stack.env['CHAT_GRPC_PORT']} reached bob's WebSocket")
+
     # Kill alice's gateway; bob keeps talking; alice resumes through nginx with no gap.
     run("podman", "kill", placed["alice"], capture=True)
     missed = await bob.send_many("lobby", "while away", 5)
@@ -791,6 +799,23 @@ async def chat_check(stack: Stack) -> None:
             raise CheckFailed(f"{user.name} got a message twice: {user.duplicates[0]}")
 
 
+async def grpc_send(stack: Stack, token: str, room: str, content: str) -> str:
+    """chat.v1.ChatService/SendMessage on the compose file's published gRPC port."""
+    import grpc
+    from chatlib.proto.chat import v1 as pb
+
+    address = f"127.0.0.1:{stack.env['CHAT_GRPC_PORT']}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        send = channel.unary_unary(
+            "/chat.v1.ChatService/SendMessage",
+            request_serializer=bytes,
+            response_deserializer=pb.SendResponse.FromString,
+        )
+        request = pb.ChatMessage(room=room, content=content, client_id="grpc-1")
+        reply = await send(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+    return str(reply.id)
+
+
 def stop_and_check(stack: Stack, service: str, only: str | None = None) -> list[str]:
     results = []
     for name in [only] if only else stack.containers(service):
@@ -810,7 +835,7 @@ def stop_and_check(stack: Stack, service: str, only: str | None = None) -> list[
 
 def stop_all(stack: Stack, acked_ids: list[str]) -> None:
     lines = []
-    for service in ("proxy", "gateway", "presence"):
+    for service in ("proxy", "gateway", "rpc", "presence"):
         lines += stop_and_check(stack, service)
     wait_archived(stack, acked_ids)  # the archive drains what the gateways acked
     for service in ("archive", "postgres", "nats"):

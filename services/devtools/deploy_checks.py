@@ -35,7 +35,7 @@ from pydantic_settings import BaseSettings
 from devtools.servers import password_env
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("gateway", "presence", "archive")
+SERVICES = ("gateway", "presence", "archive", "rpc")
 
 # --- Settings ----------------------------------------------------------------------
 
@@ -53,6 +53,10 @@ def settings_class(service: str) -> type[BaseSettings]:
         from archive.settings import ArchiveSettings
 
         return ArchiveSettings
+    if service == "rpc":
+        from rpc.settings import RpcSettings
+
+        return RpcSettings
     raise KeyError(service)
 
 
@@ -69,7 +73,12 @@ def setting_env_names(service: str) -> set[str]:
 # What a deployment must set for the service to work outside a laptop: where NATS is and
 # who we are on it, production mode, plus each service's own must-haves.
 REQUIRED_COMMON = ("environment", "nats_servers", "nats_user", "nats_password")
-REQUIRED_EXTRA = {"gateway": ("allowed_origins",), "presence": (), "archive": ("database_url",)}
+REQUIRED_EXTRA = {
+    "gateway": ("allowed_origins",),
+    "presence": (),
+    "archive": ("database_url",),
+    "rpc": ("guest_secret",),  # the gateway's, so the same tokens work on both doors
+}
 
 
 def required_env_names(service: str) -> set[str]:
