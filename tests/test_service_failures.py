@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -178,3 +179,17 @@ async def test_sigterm_while_nats_is_down_exits_0_for_every_service(
         for proc in procs:
             proc.kill()
         await asyncio.to_thread(nats.stop)
+
+
+async def test_an_idle_archive_stops_promptly(
+    nats_server: Any, nc: Any, database_url: str, logs_dir: Path, archive_procs: list[ArchiveProc]
+) -> None:
+    """Its pull request waiting on an empty queue must not hold the stop for the whole
+    drain timeout (compose and Kubernetes wait on it)."""
+    proc = start_archive(
+        archive_procs, nats_server.url, database_url, logs_dir, ARCHIVE_DRAIN_TIMEOUT="10"
+    )
+    started = time.monotonic()
+    assert await asyncio.to_thread(proc.terminate, 30) == 0
+    took = time.monotonic() - started
+    assert took < 5, f"an idle archive took {took:.1f}s to stop"

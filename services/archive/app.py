@@ -4,6 +4,7 @@ consumer and its worker, the history micro service, health and metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -104,6 +105,11 @@ class ArchiveService:
             self._main.cancel()
         # wait, not await: a task that died has been logged already (chatlib.tasks).
         await asyncio.wait({self._main})
+        # The pull subscription may hold a late reply to its last fetch that nobody will
+        # read; NATS's drain would wait on it for the whole drain timeout.
+        if self.worker is not None:
+            with contextlib.suppress(Exception):
+                await self.worker.sub.unsubscribe()
 
     async def close(self) -> None:
         if self.pool is not None:
