@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -139,25 +138,16 @@ def page_url(system: ChatSystem) -> str:
 # People
 
 
-class Person:
+class Person(test_browser.Person):
+    """test_browser's Person (page errors and dialogs recorded, `message`, `say`), named."""
+
     def __init__(self, name: str, page: Any) -> None:
+        super().__init__(page)
         self.name = name
-        self.page = page
-        self.errors: list[str] = []
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
 
     @property
     def context(self) -> Any:
         return self.page.context
-
-    def message(self, sender: str, text: str) -> Any:
-        exactly = re.compile(f"^{re.escape(text)}$")
-        content = self.page.get_by_test_id("content").filter(has_text=exactly)
-        return self.page.locator(f'#message-list li[data-sender="{sender}"]', has=content)
-
-    async def say(self, text: str) -> None:
-        await self.page.fill("#composer", text)
-        await self.page.press("#composer", "Enter")
 
     async def join(self, room: str) -> None:
         from playwright.async_api import expect
