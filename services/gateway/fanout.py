@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
@@ -27,6 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from gateway import frames, metrics, recovery
+from gateway.ordering import StreamOrder
 from gateway.session import Session
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 DM_DELIVERED_MAX = 100_000
 # Messages published here whose live copy has not come back yet (see Hub.published).
 PUBLISHED_MAX = 4096
+LiveHandler = Callable[[Msg], Awaitable[None]]
 
 
 class Hub:
@@ -56,6 +58,27 @@ class Hub:
         # Messages this gateway just published, by Nats-Msg-Id: (payload, message). Their
         # live copy is then not decoded again (decoding is the costliest step per message).
         self._published: OrderedDict[str, tuple[bytes, pb.ChatMessage]] = OrderedDict()
+        # Room and DM messages reach the sockets in stream order (gateway/ordering.py).
+        self._order = StreamOrder(self._subscriptions)
+
+    def _subscriptions(self) -> Iterable[Subscription]:
+        for group in self._room_subs.values():
+            yield from group
+        yield from self._global_subs
+
+    def _in_order(
+        self, handle: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """A live-message callback that files the message for delivery in stream order."""
+
+        async def callback(msg: Msg) -> None:
+            try:
+                seq = int((msg.headers or {}).get(names.HEADER_SEQUENCE, "0"))
+            except ValueError:
+                seq = 0  # _on_chat logs and drops it
+            self._order.file(seq, lambda: handle(msg))
+
+        return callback
 
     def published(self, msg_id: str, payload: bytes, chat: pb.ChatMessage) -> None:
         self._published[msg_id] = (payload, chat)
@@ -72,9 +95,12 @@ class Hub:
         # DMs: one gateway-wide subscription each (not four per user): a hello then costs
         # no NATS subscription for the user, and a socket no subscription tasks. Every
         # gateway sees every DM; one that has no local participant drops it undecoded.
+        self._order.start()
         self._global_subs = [
             await self.nc.subscribe(names.PRESENCE_EVENTS_ALL, cb=self._on_presence),
-            await self.nc.subscribe(names.live_subject(names.DM_ALL), cb=self._on_live_dm),
+            await self.nc.subscribe(
+                names.live_subject(names.DM_ALL), cb=self._in_order(self._on_live_dm)
+            ),
             await self.nc.subscribe(names.TYPING_DM_ALL, cb=self._on_typing_dm),
         ]
 
@@ -133,7 +159,7 @@ class Hub:
 
         live = names.live_subject(names.room_subject(room))
         return [
-            await self.nc.subscribe(live, cb=on_live),
+            await self.nc.subscribe(live, cb=self._in_order(on_live)),
             await self.nc.subscribe(names.typing_room_subject(room), cb=on_typing),
         ]
 
@@ -263,6 +289,7 @@ class Hub:
             await _unsubscribe(sub)
         self._room_subs.clear()
         self._global_subs.clear()
+        await self._order.stop()
 
 
 async def _unsubscribe(sub: Subscription) -> None:
