@@ -201,18 +201,30 @@ async def start_nats_cluster(base: Path, size: int = 3) -> list[NatsServer]:
     """`size` routed nats-servers with JetStream; returns once a meta leader is elected.
 
     They are started together: a clustered server reports healthy only once it sees a
-    JetStream meta leader, which needs a quorum of its peers."""
-    cluster_ports = [free_port() for _ in range(size)]
-    servers = [
-        NatsServer(
-            base / f"n{i}",
-            config=cluster_config(
-                f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]
-            ),
+    JetStream meta leader, which needs a quorum of its peers. A free port can be taken
+    between being picked and being bound (the peers' outgoing route connections use
+    ephemeral ports too): then the cluster is started again on other ports."""
+    for attempt in range(3):
+        cluster_ports = [free_port() for _ in range(size)]
+        servers = [
+            NatsServer(
+                base / f"try{attempt}" / f"n{i}",
+                config=cluster_config(
+                    f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]
+                ),
+            )
+            for i in range(size)
+        ]
+        started = await asyncio.gather(
+            *(asyncio.to_thread(s.start) for s in servers), return_exceptions=True
         )
-        for i in range(size)
-    ]
-    await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if not failed:
+            break
+        for server in servers:
+            await asyncio.to_thread(server.stop)
+        if attempt == 2:
+            raise failed[0]
     urls = [s.url for s in servers]
     nc = await nats.connect(servers=urls, max_reconnect_attempts=-1)
     js = nc.jetstream()
