@@ -111,7 +111,9 @@ class Permissions:
 
 
 KV_STREAM_PRESENCE = f"KV_{names.KV_PRESENCE}"
+KV_STREAM_MEMBERS = f"KV_{names.KV_MEMBERS}"
 ALL_STREAMS = (
+    KV_STREAM_MEMBERS,
     names.STREAM_CHAT,
     names.STREAM_ARCHIVE,
     names.STREAM_DEAD,
@@ -121,7 +123,7 @@ ALL_STREAMS = (
 # Streams whose consumers each service may create, read and ack. Everything else is
 # denied, e.g. the gateway cannot pull (steal) the archive's work queue.
 CONSUMES = {
-    "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE),
+    "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE, KV_STREAM_MEMBERS),
     "presence": (names.STREAM_PRESENCE, KV_STREAM_PRESENCE),
     "archive": (names.STREAM_ARCHIVE, names.STREAM_DEAD),
     "rpc": (names.STREAM_CHAT,),  # replays for StreamMessages (ephemeral consumers)
@@ -186,6 +188,7 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_ROOM,  # requests to the archive's history service
                 names.HISTORY_DM,
                 names.PRESENCE_WHO,  # requests to presence's who-is-online service
+                kv_subject(names.KV_MEMBERS),  # room membership (gateway/roster.py)
                 *jetstream,
             ],
             publish_deny=jetstream_denies("gateway"),

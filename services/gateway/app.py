@@ -31,6 +31,8 @@ from gateway.batching import SharedRead
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.presence import PresenceLink
+from gateway.roster import Roster
+from gateway.scope import PresenceScope, watch_list
 from gateway.session import Session
 from gateway.settings import GatewaySettings
 
@@ -59,7 +61,9 @@ class Gateway:
         self.active: set[asyncio.Task[Any]] = set()
         self.sessions: set[Session] = set()
         self._chat_position: SharedRead[int] | None = None
-        self._online: SharedRead[list[str] | None] | None = None
+        self.roster: Roster | None = None
+        self.scope: PresenceScope | None = None
+        self._online_known: SharedRead[bool] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
@@ -68,8 +72,11 @@ class Gateway:
         await self.hub.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
+        self.roster = Roster(nc, js, self.settings)
+        self.scope = PresenceScope(self.hub, self.roster, self.settings)
+        await self.roster.start()
         self._chat_position = SharedRead(self._read_chat_position)
-        self._online = SharedRead(self.presence.who)
+        self._online_known = SharedRead(self.roster.resync_online)
         self.accepting = True
 
     async def _read_chat_position(self) -> int:
@@ -95,6 +102,8 @@ class Gateway:
             await asyncio.wait(set(self.active))
 
     async def close(self) -> None:
+        if self.roster is not None:
+            await self.roster.stop()
         if self.presence is not None:
             await self.presence.stop()
         if self.hub is not None:
@@ -102,7 +111,7 @@ class Gateway:
 
     def deps(self) -> handlers.Deps:
         assert self.nc is not None and self.js is not None and self.hub is not None
-        return handlers.Deps(self.nc, self.js, self.hub, self.settings)
+        return handlers.Deps(self.nc, self.js, self.hub, self.settings, self.scope)
 
     # --- the WebSocket ------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -155,6 +164,8 @@ class Gateway:
         finally:
             self.sessions.discard(session)
             await self.deps().hub.remove(session)
+            if self.scope is not None:
+                self.scope.forget(session)
             if self.presence is not None:
                 self.presence.closed(session.id, session.user)
             await session.finished()
@@ -170,17 +181,29 @@ class Gateway:
         ):
             problems.append(FrameError("bad_frame", "resume_seq must be an integer >= 0"))
             resume = None
+        watch: list[str] = []
+        if "watch" in hello:
+            try:
+                watch = watch_list(hello["watch"], self.settings.watch_max, "hello")
+            except FrameError as exc:
+                problems.append(exc)
         # Live subscriptions first (buffered in the session), then the snapshot: every
         # message after the snapshot arrives live, everything before it is replayed.
         await deps.hub.add(session, rooms)
+        assert self.scope is not None and self.roster is not None
+        for room in rooms:
+            self.scope.joined(session, room)
+        self.scope.set_watch(session, watch)
         # Both reads are shared with the hellos arriving at the same time (SharedRead).
-        assert self._chat_position is not None and self._online is not None
+        assert self._chat_position is not None and self._online_known is not None
         try:
             snapshot: int | None = await self._chat_position.get()
         except Exception as exc:
             log.warning("cannot read the chat log position: %s", exc)
             snapshot = None
-        online = await self._online.get()
+        # Presence never answered since we started (it may be starting): ask it now.
+        known = self.roster.online_known or await self._online_known.get()
+        online = self.scope.welcome_online(session) if known else None
         session.push(
             frames.dumps(
                 {
@@ -188,8 +211,8 @@ class Gateway:
                     "v": frames.VERSION,
                     "user": session.user,
                     "rooms": sorted(session.rooms),
-                    # Our own connection is reported just after this, so add ourselves.
-                    "online": sorted({*online, session.user}) if online is not None else [],
+                    # Scoped (gateway/scope.py); includes ourselves, reported just after this.
+                    "online": online if online is not None else [],
                     "seq": snapshot or 0,
                 }
             )

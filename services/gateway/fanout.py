@@ -58,6 +58,8 @@ class Hub:
         # Messages this gateway just published, by Nats-Msg-Id: (payload, message). Their
         # live copy is then not decoded again (decoding is the costliest step per message).
         self._published: OrderedDict[str, tuple[bytes, pb.ChatMessage]] = OrderedDict()
+        # Where presence transitions go (gateway/scope.py); None: to every socket.
+        self.presence_sink: Callable[[str, bool], None] | None = None
         # Room and DM messages reach the sockets in stream order (gateway/ordering.py).
         self._order = StreamOrder(self._subscriptions)
 
@@ -270,13 +272,14 @@ class Hub:
         except codec.DecodeError as exc:
             log.warning("undecodable presence event: %s", exc)
             return
-        if isinstance(event, pb.UserOnline):
-            frame = frames.dumps({"type": "presence", "user": event.user, "online": True})
-        elif isinstance(event, pb.UserOffline):
-            frame = frames.dumps({"type": "presence", "user": event.user, "online": False})
+        if isinstance(event, pb.UserOnline | pb.UserOffline):
+            online = isinstance(event, pb.UserOnline)
         else:
             return
-        self.broadcast(frame)
+        if self.presence_sink is not None:
+            self.presence_sink(event.user, online)
+            return
+        self.broadcast(frames.dumps({"type": "presence", "user": event.user, "online": online}))
 
     def broadcast(self, frame: str) -> None:
         for session in list(self.sessions):

@@ -16,9 +16,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, metrics
+from gateway import frames, members, metrics
 from gateway.fanout import Hub
 from gateway.frames import FrameError
+from gateway.scope import PresenceScope
 from gateway.session import Session
 from gateway.settings import GatewaySettings
 
@@ -33,6 +34,7 @@ class Deps:
     js: JetStreamContext
     hub: Hub
     settings: GatewaySettings
+    scope: PresenceScope | None = None  # scoped presence (gateway/scope.py)
 
 
 Handler = Callable[[dict[str, Any], Session, Deps], Awaitable[None]]
@@ -84,6 +86,8 @@ def _refuse(session: Session, exc: FrameError) -> None:
 async def handle_join(frame: dict[str, Any], session: Session, deps: Deps) -> None:
     room = frames.room_of(frame, "join")
     await deps.hub.join(session, room)
+    if deps.scope is not None:
+        deps.scope.joined(session, room)
     session.push(frames.dumps({"type": "joined", "room": room}))
 
 
@@ -93,6 +97,8 @@ async def handle_leave(frame: dict[str, Any], session: Session, deps: Deps) -> N
         # Everyone is always in the lobby (hello joins it): it cannot be left.
         raise FrameError("bad_room", f"{frames.LOBBY} is always joined and cannot be left", "leave")
     await deps.hub.leave(session, room)
+    if deps.scope is not None:
+        deps.scope.left(session, room)
     session.push(frames.dumps({"type": "left", "room": room}))
 
 
@@ -114,6 +120,8 @@ async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None
         raise FrameError("bad_user", "you cannot send a direct message to yourself", cid)
     content = frames.content_of(frame, deps.settings.max_content_bytes, cid)
     msg = _new_message(session.user, content, cid, dm_peer=peer)
+    if deps.scope is not None:
+        deps.scope.watch(session, peer)  # a DM peer's presence is worth seeing
     subject = names.dm_subject(session.user, peer)
     await session.start_send(_send_durably(msg, subject, session, deps))
 
@@ -277,4 +285,6 @@ HANDLERS: dict[str, Handler] = {
     "history": handle_history,
     "typing": handle_typing,
     "ping": handle_ping,
+    "members": members.handle_members,
+    "watch": members.handle_watch,
 }

@@ -33,6 +33,17 @@ class GatewaySettings(ClientSettings):
     history_page_size: int = Field(default=50, gt=0)
     # Presence: how often this gateway reports its live connections.
     heartbeat_interval: float = Field(default=2.0, gt=0)
+    # Scoped presence (gateway/scope.py): rooms with more members than this do not push
+    # their members' presence (clients page them with `members`); the lobby counts the
+    # users online as its members.
+    presence_room_max: int = Field(default=200, ge=0)
+    # `welcome.online` names at most this many users (the client itself included).
+    welcome_online_max: int = Field(default=500, gt=0)
+    # Users one socket may `watch` (besides its rooms' members; DM peers count too).
+    watch_max: int = Field(default=200, gt=0)
+    members_page_max: int = Field(default=200, gt=0)
+    # How often the gateway re-reads who is online from presence (repairs missed events).
+    online_resync_interval: float = Field(default=30.0, gt=0)
     ws_compression: bool = False
     # A client that racks up this many violations (rate-limited or oversized frames)
     # within abuse_window seconds is abusive: closed with 1008.
