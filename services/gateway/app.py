@@ -25,12 +25,14 @@ from nats.js import JetStreamContext
 from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
 
-from gateway import frames, handlers, metrics, recovery
+from gateway import frames, handlers, metrics
+from gateway.admission import Admission, Ticket, TokenCache
 from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.presence import PresenceLink
+from gateway.replay_cache import SharedReplay
 from gateway.roster import Roster
 from gateway.scope import PresenceScope, watch_list
 from gateway.session import Session
@@ -53,6 +55,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.auth = Authenticator(settings)
+        self.tokens = TokenCache(self.auth, settings.token_cache_ttl)
+        self.admission = Admission(settings.hello_concurrency, settings.hello_queue)
         self.accepting = False
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -62,6 +66,7 @@ class Gateway:
         self.sessions: set[Session] = set()
         self._chat_position: SharedRead[int] | None = None
         self.roster: Roster | None = None
+        self.replay: SharedReplay | None = None
         self.scope: PresenceScope | None = None
         self._online_known: SharedRead[bool] | None = None
 
@@ -69,6 +74,10 @@ class Gateway:
     async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
         self.nc, self.js = nc, js
         self.hub = Hub(nc, js)
+        self.replay = SharedReplay(
+            js, self.settings.recovery_max_messages, self.settings.replay_cache_ttl
+        )
+        self.hub.replay_log = self.replay
         await self.hub.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
@@ -136,8 +145,21 @@ class Gateway:
             log.info("websocket refused", extra={"origin": headers.get("origin")})
             await send({"type": "websocket.close", "code": frames.CLOSE_POLICY})
             return
-        await send({"type": "websocket.accept"})
+        if self.admission.full():
+            # Before the upgrade: the client learns when to come back without costing a
+            # socket here (HTTP 503 + Retry-After, honoured by our clients' backoff).
+            metrics.HELLO_REFUSED.inc()
+            await send(_busy_response(self.settings.hello_retry_after))
+            await send({"type": "websocket.http.response.body", "body": b"busy, retry later\n"})
+            return
+        ticket = self.admission.ticket()
+        try:
+            await send({"type": "websocket.accept"})
+            await self._greet(receive, send, ticket)
+        finally:
+            ticket.done()
 
+    async def _greet(self, receive: Receive, send: Send, ticket: Ticket) -> None:
         async def refuse(code: str, message: str) -> None:
             await send({"type": "websocket.send", "text": frames.error(code, message, "hello")})
             await send({"type": "websocket.close", "code": frames.CLOSE_UNAUTHORIZED})
@@ -153,14 +175,15 @@ class Gateway:
             hello = frames.parse(raw)
             if hello["type"] != "hello":
                 raise FrameError("unauthorized", "the first frame must be hello")
-            user = self.auth.verify(hello.get("token"))
+            user = self.tokens.verify(hello.get("token"))
         except (FrameError, AuthError) as exc:
             await refuse("unauthorized", str(exc))
             return
+        await ticket.turn()
         session = Session(user, send, self.settings)
         self.sessions.add(session)
         try:
-            await self._run_session(session, hello, receive)
+            await self._run_session(session, hello, receive, ticket)
         finally:
             self.sessions.discard(session)
             await self.deps().hub.remove(session)
@@ -171,7 +194,9 @@ class Gateway:
             await session.finished()
             metrics.CONNECTIONS.dec()
 
-    async def _run_session(self, session: Session, hello: dict[str, Any], receive: Receive) -> None:
+    async def _run_session(
+        self, session: Session, hello: dict[str, Any], receive: Receive, ticket: Ticket
+    ) -> None:
         metrics.CONNECTIONS.inc()
         deps = self.deps()
         rooms, problems = _hello_rooms(hello)
@@ -221,9 +246,14 @@ class Gateway:
             problems.append(FrameError("presence_unavailable", "who is online is unknown"))
         for problem in problems:
             session.push(frames.error(problem.code, problem.message, problem.ref or "hello"))
-        if resume is not None:
-            await self._replay(session, resume, snapshot)
-        session.end_buffering(snapshot or 0)
+        if resume is not None and snapshot is not None:
+            after, replayed = await self._replay(session, resume, snapshot)
+            session.end_buffering(after, replayed)
+        else:
+            if resume is not None:
+                session.push(frames.dumps({"type": "resumed", "replayed": 0, "complete": False}))
+            session.end_buffering(snapshot or 0)
+        ticket.done()  # greeted: the next hello may be answered
         if self.presence is not None:
             self.presence.opened(session.id, session.user)
 
@@ -238,29 +268,32 @@ class Gateway:
                 metrics.ABUSE_DISCONNECTS.inc()
                 await session.close(close_code, "too many violations", flush=True)
 
-    async def _replay(self, session: Session, resume: int, snapshot: int | None) -> None:
-        assert self.js is not None
+    async def _replay(self, session: Session, resume: int, snapshot: int) -> tuple[int, set[int]]:
+        """Replay what the client missed (shared with every client resuming alongside, see
+        replay_cache.py). Returns the seq at or below which live messages held during
+        hello are dropped, and the seqs replayed (dropped from them too)."""
+        assert self.replay is not None
         replayed: list[Any] = []
         complete = False
-        if snapshot is not None:
-            try:
-                result = await recovery.replay(
-                    self.js,
-                    session.user,
-                    sorted(session.rooms),
-                    resume,
-                    snapshot,
-                    self.settings.recovery_max_messages,
-                )
-                replayed, complete = result.messages, result.complete
-            except Exception as exc:
-                log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
+        after = snapshot  # if the replay fails: what was missed is not sent twice
+        try:
+            result = await self.replay.replay(
+                session.user,
+                sorted(session.rooms),
+                resume,
+                snapshot,
+                self.settings.recovery_max_messages,
+            )
+            replayed, complete, after = result.messages, result.complete, result.after
+        except Exception as exc:
+            log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
         for seq, msg in replayed:
             session.push(frames.MessageFrames(msg, seq).for_user(session.user))
         metrics.REPLAYED.inc(len(replayed))
         session.push(
             frames.dumps({"type": "resumed", "replayed": len(replayed), "complete": complete})
         )
+        return after, {seq for seq, _ in replayed}
 
 
 async def _receive_frame(receive: Receive) -> str | bytes | None:
@@ -272,6 +305,14 @@ async def _receive_frame(receive: Receive) -> str | bytes | None:
             return text if text is not None else (event.get("bytes") or b"")
         if event["type"] == "websocket.disconnect":
             return None
+
+
+def _busy_response(retry_after: int) -> dict[str, Any]:
+    return {
+        "type": "websocket.http.response.start",
+        "status": 503,
+        "headers": [(b"retry-after", str(retry_after).encode())],
+    }
 
 
 def _hello_rooms(hello: dict[str, Any]) -> tuple[list[str], list[FrameError]]:

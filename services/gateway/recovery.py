@@ -1,16 +1,15 @@
-"""Reconnect recovery: replay what a client missed from the CHAT stream.
+"""Reading a range of the CHAT stream: for reconnect recovery (replay_cache.py, which
+shares one read among every client resuming in the same rooms) and live-gap refills.
 
-The client says the highest seq it saw; we replay its rooms' and DMs' messages after it,
-up to the stream's last seq at the moment its live subscriptions were in place (later
-ones arrive live). At most `limit` messages, the newest ones: if more were missed, the
-replay is marked incomplete and the client pages back through history for the rest.
+The client says the highest seq it saw; it gets its rooms' and DMs' messages after it.
+At most `limit` messages, the newest ones: if more were missed, the replay is marked
+incomplete and the client pages back through history for the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
@@ -20,36 +19,6 @@ log = logging.getLogger(__name__)
 
 FETCH_BATCH = 256
 FETCH_TIMEOUT = 2.0
-
-
-@dataclass
-class Replay:
-    messages: list[tuple[int, pb.ChatMessage]]
-    complete: bool
-
-
-def filter_groups(user: str, rooms: list[str]) -> list[list[str]]:
-    """Filter subjects for the replay consumers. One consumer's filters may not overlap,
-    and chat.dm.<user>.* overlaps chat.dm.*.<user> (at chat.dm.<user>.<user>): two."""
-    mine, theirs = names.dm_subjects_of(user)
-    return [[*(names.room_subject(r) for r in sorted(rooms)), mine], [theirs]]
-
-
-async def replay(
-    js: JetStreamContext, user: str, rooms: list[str], after_seq: int, upto_seq: int, limit: int
-) -> Replay:
-    if upto_seq <= after_seq:
-        return Replay([], True)
-    info = await js.stream_info(names.STREAM_CHAT)
-    # Messages older than the stream's first one have aged out of the log.
-    complete = after_seq + 1 >= info.state.first_seq
-    found: dict[int, pb.ChatMessage] = {}
-    for subjects in filter_groups(user, rooms):
-        found.update(await read_range(js, subjects, after_seq + 1, upto_seq))
-    seqs = sorted(found)
-    if len(seqs) > limit:
-        seqs, complete = seqs[-limit:], False
-    return Replay([(s, found[s]) for s in seqs], complete)
 
 
 async def read_range(

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any
 
 from chatlib import ids
@@ -202,11 +202,11 @@ class Session:
         else:
             self.push(frame)
 
-    def end_buffering(self, after_seq: int) -> None:
+    def end_buffering(self, after_seq: int, replayed: Container[int] = ()) -> None:
         """Flush live messages held during hello, skipping those the replay covered."""
         buffered, self.live_buffer = self.live_buffer or [], None
         for seq, frame in buffered:
-            if seq > after_seq:
+            if seq > after_seq and seq not in replayed:
                 self.push(frame)
 
     async def _write_loop(self) -> None:

@@ -1,0 +1,101 @@
+"""Keeping a reconnect storm from collapsing the gateway: bounded hello admission and a
+short cache of token checks.
+
+At most `hello_concurrency` hellos are answered at once (welcome, replay); up to
+`hello_queue` more wait for a turn. Beyond that a new WebSocket is refused before the
+upgrade with HTTP 503 and `Retry-After: hello_retry_after` seconds: our clients back off
+with full jitter and honour it, so a storm spreads out instead of piling up (every
+socket held open while waiting costs memory, and every hello answered late costs a
+client timeout and a retry).
+
+A verified token is remembered for `token_cache_ttl` seconds (never past its own `exp`):
+a storm is the same clients with the same tokens, reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections import OrderedDict
+
+import orjson
+from chatlib.auth import Authenticator
+
+from gateway import metrics
+
+TOKEN_CACHE_MAX = 50_000
+
+
+class Admission:
+    """Sockets accepted and not yet greeted hold a ticket; at most `concurrency` tickets
+    are being answered at once (their turn), the others wait."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._limit = concurrency + queue
+        self.pending = 0
+
+    def full(self) -> bool:
+        """No room even to wait: refuse the handshake (503)."""
+        return self.pending >= self._limit
+
+    def ticket(self) -> Ticket:
+        return Ticket(self)
+
+
+class Ticket:
+    __slots__ = ("_admission", "_done", "_turn")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._turn = False
+        self._done = False
+        admission.pending += 1
+        metrics.HELLO_WAITING.set(admission.pending)
+
+    async def turn(self) -> None:
+        """Wait until this hello may be answered."""
+        await self._admission._slots.acquire()
+        self._turn = True
+
+    def done(self) -> None:
+        """Greeted (or gone): free the place. Safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        self._admission.pending -= 1
+        metrics.HELLO_WAITING.set(self._admission.pending)
+        if self._turn:
+            self._admission._slots.release()
+
+
+class TokenCache:
+    """Authenticator.verify, remembered briefly per token."""
+
+    def __init__(self, auth: Authenticator, ttl: float) -> None:
+        self.auth, self.ttl = auth, ttl
+        self._users: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def verify(self, token: object) -> str:
+        now = time.time()
+        if isinstance(token, str):
+            cached = self._users.get(token)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        user = self.auth.verify(token)  # AuthError goes to the caller, nothing cached
+        if self.ttl > 0 and isinstance(token, str):
+            self._users[token] = (user, min(now + self.ttl, _expiry(token)))
+            if len(self._users) > TOKEN_CACHE_MAX:
+                self._users.popitem(last=False)
+        return user
+
+
+def _expiry(token: str) -> float:
+    """The `exp` of a token that was just verified (so its payload is well formed)."""
+    try:
+        payload = token.split(".")[1]
+        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+        return 0.0  # unknown: do not cache
