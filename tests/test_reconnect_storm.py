@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest
 import websockets
-from chatlib.auth import AuthError, Authenticator
+from chatlib.auth import Authenticator, AuthError
 from gateway.admission import TokenCache
 from gateway.settings import GatewaySettings
 from nats.aio.client import Client as NATS
