@@ -42,7 +42,7 @@ class Conn:
 
 @dataclass
 class Plan:
-    mode: str  # fanout | latency | durable | idle
+    mode: str  # fanout | latency | durable | idle | storm_recv | storm_send
     conns: list[Conn]
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -176,6 +176,11 @@ async def _worker(
     index: int, plan: Plan, progress: Any, go: Any, stop: Any, results: Any
 ) -> dict[str, Any]:
     params = plan.params
+    if plan.mode in ("storm_recv", "storm_send"):
+        from devtools.bench import storm
+
+        run = storm.receiver_worker if plan.mode == "storm_recv" else storm.sender_worker
+        return await run(index, plan, progress, go, stop)
     began = time.monotonic()
     opened: list[Client] = []
     counting = None
