@@ -357,6 +357,16 @@ def build_app(gateway: Gateway) -> Any:
             },
         }
 
+    @api.get("/api/admission")
+    async def admission() -> Response:
+        # What a page whose WebSocket never opened asks: browsers cannot read the status
+        # or Retry-After of a refused handshake (static/backoff.js).
+        if gateway.admission.full():
+            retry = str(settings.hello_retry_after)
+            body = _http_error("busy", "too many connections being set up; retry later")
+            return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
+        return JSONResponse({"busy": False}, headers={"Cache-Control": "no-store"})
+
     @api.post("/api/guest")
     async def guest(request: Request) -> Response:
         if settings.auth_mode != "guest":
