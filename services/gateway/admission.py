@@ -3,7 +3,10 @@ short cache of token checks.
 
 At most `hello_concurrency` hellos are answered at once (welcome, replay); up to
 `hello_queue` more wait for a turn. Beyond that a new WebSocket is refused before the
-upgrade with HTTP 503 and `Retry-After: hello_retry_after` seconds: our clients back off
+upgrade with HTTP 503 and a `Retry-After` of about the time the queue takes to drain (at
+least `hello_retry_after` seconds). The queue is kept short so that a socket admitted is
+greeted well within a client's patience (a hello answered after the client gave up is
+work thrown away, and a retry on top). Our clients back off
 with full jitter and honour it, so a storm spreads out instead of piling up (every
 socket held open while waiting costs memory, and every hello answered late costs a
 client timeout and a retry).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import time
 from collections import OrderedDict
 
@@ -31,14 +35,33 @@ class Admission:
     """Sockets accepted and not yet greeted hold a ticket; at most `concurrency` tickets
     are being answered at once (their turn), the others wait."""
 
-    def __init__(self, concurrency: int, queue: int) -> None:
+    def __init__(self, concurrency: int, queue: int, retry_after: int) -> None:
         self._slots = asyncio.Semaphore(concurrency)
         self._limit = concurrency + queue
+        self._retry_after = retry_after
         self.pending = 0
+        # Hellos greeted per second, smoothed: how fast the queue drains.
+        self._rate = 0.0
+        self._count = 0
+        self._since = time.monotonic()
 
     def full(self) -> bool:
         """No room even to wait: refuse the handshake (503)."""
         return self.pending >= self._limit
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should stay away: at least the setting, and about as
+        long as the queue takes to drain at the current greeting rate (at most 60)."""
+        drain = self.pending / self._rate if self._rate > 0 else 0.0
+        return int(min(60, max(self._retry_after, math.ceil(drain))))
+
+    def greeted(self) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._since >= 1.0:
+            rate = self._count / (now - self._since)
+            self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+            self._count, self._since = 0, now
 
     def ticket(self) -> Ticket:
         return Ticket(self)
@@ -64,6 +87,8 @@ class Ticket:
         if self._done:
             return
         self._done = True
+        if self._turn:
+            self._admission.greeted()
         self._admission.pending -= 1
         metrics.HELLO_WAITING.set(self._admission.pending)
         if self._turn:

@@ -56,7 +56,9 @@ class Gateway:
         self.settings = settings
         self.auth = Authenticator(settings)
         self.tokens = TokenCache(self.auth, settings.token_cache_ttl)
-        self.admission = Admission(settings.hello_concurrency, settings.hello_queue)
+        self.admission = Admission(
+            settings.hello_concurrency, settings.hello_queue, settings.hello_retry_after
+        )
         self.accepting = False
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -149,7 +151,7 @@ class Gateway:
             # Before the upgrade: the client learns when to come back without costing a
             # socket here (HTTP 503 + Retry-After, honoured by our clients' backoff).
             metrics.HELLO_REFUSED.inc()
-            await send(_busy_response(self.settings.hello_retry_after))
+            await send(_busy_response(self.admission.retry_after()))
             await send({"type": "websocket.http.response.body", "body": b"busy, retry later\n"})
             return
         ticket = self.admission.ticket()
@@ -287,13 +289,13 @@ class Gateway:
             replayed, complete, after = result.messages, result.complete, result.after
         except Exception as exc:
             log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
-        for seq, msg in replayed:
-            session.push(frames.MessageFrames(msg, seq).for_user(session.user))
+        for message in replayed:
+            session.push(message.for_user(session.user))
         metrics.REPLAYED.inc(len(replayed))
         session.push(
             frames.dumps({"type": "resumed", "replayed": len(replayed), "complete": complete})
         )
-        return after, {seq for seq, _ in replayed}
+        return after, {message.seq for message in replayed}
 
 
 async def _receive_frame(receive: Receive) -> str | bytes | None:
@@ -362,7 +364,7 @@ def build_app(gateway: Gateway) -> Any:
         # What a page whose WebSocket never opened asks: browsers cannot read the status
         # or Retry-After of a refused handshake (static/backoff.js).
         if gateway.admission.full():
-            retry = str(settings.hello_retry_after)
+            retry = str(gateway.admission.retry_after())
             body = _http_error("busy", "too many connections being set up; retry later")
             return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
         return JSONResponse({"busy": False}, headers={"Cache-Control": "no-store"})

@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 
 from gateway import metrics, recovery
 from gateway.batching import SharedRead
+from gateway.frames import MessageFrames
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class _Log:
 
     lo: int
     read_hi: int  # the stream read covered up to here
-    msgs: dict[int, tuple[str, pb.ChatMessage]] = field(default_factory=dict)
+    # seq -> (subject, the message rendered at most twice for every client resuming)
+    msgs: dict[int, tuple[str, MessageFrames]] = field(default_factory=dict)
     # subject -> last seq logged on it (a live message must follow on from it)
     tails: dict[str, int] = field(default_factory=dict)
     used: float = field(default_factory=time.monotonic)
@@ -53,7 +55,7 @@ class _Log:
 
 @dataclass
 class Replay:
-    messages: list[tuple[int, pb.ChatMessage]]
+    messages: list[MessageFrames]
     complete: bool
     after: int  # live messages at or below this seq were replaced by the replay
 
@@ -97,7 +99,7 @@ class SharedReplay:
             log.info("replay log of %s dropped at a gap (%d -> %d)", key, previous, seq)
             del self._logs[key]
             return
-        entry.msgs[seq] = (subject, msg)
+        entry.msgs[seq] = (subject, MessageFrames(msg, seq))
         entry.tails[subject] = seq
         if len(entry.msgs) > self.max_messages:
             oldest = min(entry.msgs)
@@ -112,7 +114,7 @@ class SharedReplay:
         position `upto` was read after its live subscriptions were in place)."""
         if upto <= after:
             return Replay([], True, after)
-        found: dict[int, pb.ChatMessage] = {}
+        found: dict[int, MessageFrames] = {}
         for room in rooms:
             subject = names.room_subject(room)
             entry = await self._covering(subject, after + 1, upto)
@@ -129,7 +131,7 @@ class SharedReplay:
         if len(seqs) > limit:
             seqs, complete = seqs[-limit:], False
             replay_after = seqs[0] - 1
-        return Replay([(s, found[s]) for s in seqs], complete, replay_after)
+        return Replay([found[s] for s in seqs], complete, replay_after)
 
     async def _covering(self, key: str, start: int, upto: int) -> _Log:
         """The log of `key`, read from the stream as far back as `start` if needed."""
@@ -161,7 +163,7 @@ class SharedReplay:
                 entry.lo = start
                 for seq, msg in msgs.items():
                     subject = _subject_of(msg)
-                    entry.msgs[seq] = (subject, msg)
+                    entry.msgs[seq] = (subject, MessageFrames(msg, seq))
                     if seq > entry.tails.get(subject, 0):
                         entry.tails[subject] = seq
                 for subject, previous, seq, msg in pending:

@@ -31,9 +31,9 @@ class GatewaySettings(ClientSettings):
     # Reconnect recovery replays at most this many messages from the CHAT log.
     recovery_max_messages: int = Field(default=5000, gt=0)
     # Hello admission (gateway/admission.py): hellos answered at once, sockets waiting for
-    # a turn, and the Retry-After (seconds) of the 503 refusing any more.
-    hello_concurrency: int = Field(default=256, gt=0)
-    hello_queue: int = Field(default=2048, ge=0)
+    # a turn, and the least Retry-After (seconds) of the 503 refusing any more.
+    hello_concurrency: int = Field(default=64, gt=0)
+    hello_queue: int = Field(default=512, ge=0)
     hello_retry_after: int = Field(default=2, gt=0)
     # A verified token is remembered this long (never past its exp); 0: no cache.
     token_cache_ttl: float = Field(default=10.0, ge=0)

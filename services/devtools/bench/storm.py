@@ -43,16 +43,19 @@ def _seq_of(data: bytes) -> int:
 
 class StormClient:
     __slots__ = (
+        "attempts",
         "conn",
         "dups",
         "first_seq",
         "last_seq",
         "received",
+        "refused",
         "resumed",
         "resumed_at",
         "room",
         "seq_sum",
         "spec",
+        "timeouts",
         "welcomed",
     )
 
@@ -67,6 +70,7 @@ class StormClient:
         self.welcomed: asyncio.Future[None] | None = None
         self.resumed: asyncio.Future[None] | None = None
         self.resumed_at = 0.0
+        self.attempts = self.refused = self.timeouts = 0
 
     def on_text(self, data: bytes) -> None:
         if b'"type":"message"' in data:
@@ -105,13 +109,19 @@ class StormClient:
             await asyncio.sleep(backoff.delay(attempt, retry_after, base=0.5, cap=8.0))
             host, port = targets[attempt % len(targets)]
             attempt, retry_after = attempt + 1, None
+            self.attempts += 1
             try:
                 await self.connect(host, port, resume=True)
             except wsclient.HandshakeError as exc:
                 retry_after = exc.retry_after
+                self.refused += retry_after is not None
                 self._drop()
                 continue
-            except (OSError, TimeoutError):
+            except TimeoutError:
+                self.timeouts += 1
+                self._drop()
+                continue
+            except OSError:
                 self._drop()
                 continue
             self.resumed_at = time.monotonic()
@@ -177,7 +187,11 @@ async def receiver_worker(index: int, plan: Plan, progress: Any, go: Any, stop: 
     return {
         "storm": [
             (c.room, c.first_seq, c.received, c.seq_sum, c.dups, c.resumed_at) for c in clients
-        ]
+        ],
+        "attempts": sum(c.attempts for c in clients),
+        "refused": sum(c.refused for c in clients),
+        "timeouts": sum(c.timeouts for c in clients),
+        "never_resumed_attempts": sorted(c.attempts for c in clients if not c.resumed_at)[:20],
     }
 
 
@@ -328,5 +342,9 @@ def _report(results: list[dict[str, Any]], killed_at: float, clients: int, peak:
         "mismatched_clients": mismatched,
         "duplicates": dups,
         "peak_rss_b": peak,
+        "reconnect_attempts": sum(r["attempts"] for r in results[:-1]),
+        "refused_503": sum(r["refused"] for r in results[:-1]),
+        "timeouts": sum(r["timeouts"] for r in results[:-1]),
+        "never_resumed_attempts": [r["never_resumed_attempts"] for r in results[:-1]],
     }
     return Run("storm", figs, details)

@@ -476,6 +476,13 @@ def connections(ctx: Ctx) -> Run:
     with Cluster(ctx.workdir / "conn-baseline") as c:
         b = c.baseline()
         base = _connections_once(ctx, c, ("127.0.0.1", b.port), b, count, "b")
+    plain: dict[str, Any] = {}
+    if not ctx.gateway_urls:
+        # The same gateway without presence and without rooms (what this scenario measured
+        # before presence was scoped): the cost of presence, on the same machine and run.
+        with Cluster(ctx.workdir / "conn-plain") as c:
+            _, bare = c.gateway("bench-plain")
+            plain = _connections_once(ctx, c, ("127.0.0.1", bare.port), bare, count, "p")
     with Cluster(ctx.workdir / "conn") as c:
         # With presence: every user is in the lobby plus 2 of 200 rooms. Presence is
         # scoped (gateway/scope.py): a user's online event goes to the local members of
@@ -516,4 +523,14 @@ def connections(ctx: Ctx) -> Run:
         ),
         Figure("gateway CPU while connecting", gw["server_cpu"] * 100, "% of a core"),
     ]
-    return Run("connections", figs, {"gateway": gw, "baseline": base})
+    if plain:
+        figs.insert(
+            2,
+            Figure(
+                "handshakes/s with presence + rooms vs without (same gateway)",
+                gw["handshakes_per_s"],
+                "/s",
+                baseline=plain["handshakes_per_s"],
+            ),
+        )
+    return Run("connections", figs, {"gateway": gw, "baseline": base, "without_presence": plain})
