@@ -77,7 +77,10 @@ class Gateway:
         self.nc, self.js = nc, js
         self.hub = Hub(nc, js)
         self.replay = SharedReplay(
-            js, self.settings.recovery_max_messages, self.settings.replay_cache_ttl
+            js,
+            self.settings.recovery_max_messages,
+            self.settings.replay_cache_ttl,
+            self.settings.replay_backfill,
         )
         self.hub.replay_log = self.replay
         await self.hub.start()

@@ -14,6 +14,9 @@ What a replay returns is every logged message after the client's resume seq; mes
 that reach the socket live while it is being answered (Session.live_buffer) are skipped
 when the replay already had them, so the two together have each message exactly once.
 
+A read reaches `replay_backfill` seqs further back than the client asked, so that the
+clients of one storm, resuming from nearby seqs, are all covered by the first read.
+
 Bounds: a log keeps at most `recovery_max_messages` messages and is dropped after
 `replay_cache_ttl` seconds without a replay; DM messages are only decoded for the log
 while a DM log exists (that is, shortly after a reconnect storm).
@@ -61,8 +64,12 @@ class Replay:
 
 
 class SharedReplay:
-    def __init__(self, js: JetStreamContext, max_messages: int, ttl: float) -> None:
+    def __init__(self, js: JetStreamContext, max_messages: int, ttl: float, backfill: int) -> None:
         self.js = js
+        # A read goes this many seqs further back than asked: the clients of a storm resume
+        # from nearby but different seqs, and each one before the log's start would
+        # otherwise cost a read of its own (one after the other, under the filter's lock).
+        self.backfill = backfill
         self.max_messages = max_messages
         self.ttl = ttl
         self._logs: dict[str, _Log] = {}
@@ -149,18 +156,19 @@ class SharedReplay:
                 # A new log reads to the stream's end: the live messages from the moment
                 # the read starts are queued in _pending, so nothing falls between them.
                 read_to = UNBOUNDED if entry is None else entry.lo - 1
+                read_from = max(1, start - self.backfill)
                 self._pending.setdefault(key, [])
                 try:
                     metrics.REPLAY_READS.inc()
-                    msgs = await recovery.read_range(self.js, [key], start, read_to)
+                    msgs = await recovery.read_range(self.js, [key], read_from, read_to)
                 finally:
                     pending = self._pending.pop(key, [])
                 if entry is not None and self._logs.get(key) is not entry:
                     continue  # dropped at a gap while we read: start over
                 if entry is None:
                     read_hi = max([upto, *msgs])
-                    entry = self._logs[key] = _Log(lo=start, read_hi=read_hi)
-                entry.lo = start
+                    entry = self._logs[key] = _Log(lo=read_from, read_hi=read_hi)
+                entry.lo = read_from
                 for seq, msg in msgs.items():
                     subject = _subject_of(msg)
                     entry.msgs[seq] = (subject, MessageFrames(msg, seq))

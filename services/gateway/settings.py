@@ -39,6 +39,8 @@ class GatewaySettings(ClientSettings):
     token_cache_ttl: float = Field(default=10.0, ge=0)
     # Replay logs shared by resuming clients (replay_cache.py) live this long unused.
     replay_cache_ttl: float = Field(default=60.0, gt=0)
+    # ... and a first read reaches this many seqs further back than asked (replay_cache.py).
+    replay_backfill: int = Field(default=20_000, ge=0)
     history_page_size: int = Field(default=50, gt=0)
     # Presence: how often this gateway reports its live connections.
     heartbeat_interval: float = Field(default=2.0, gt=0)
