@@ -51,9 +51,9 @@ class Admission:
 
     def retry_after(self) -> int:
         """Seconds a refused client should stay away: at least the setting, and about as
-        long as the queue takes to drain at the current greeting rate (at most 60)."""
+        long as the queue takes to drain at the current greeting rate (at most 30)."""
         drain = self.pending / self._rate if self._rate > 0 else 0.0
-        return int(min(60, max(self._retry_after, math.ceil(drain))))
+        return int(min(30, max(self._retry_after, math.ceil(drain))))
 
     def greeted(self) -> None:
         self._count += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import time
 import uuid
 from typing import Any
@@ -249,7 +250,8 @@ async def sender_worker(index: int, plan: Plan, progress: Any, go: Any, stop: An
 def storm(ctx: Any) -> Run:
     clients = ctx.scaled(5000, 500)
     rooms = ctx.scaled(50, 10)
-    rate = ctx.scaled(500, 50)
+    # BENCH_STORM_RATE overrides the message rate (to see the storm with more headroom).
+    rate = int(os.environ.get("BENCH_STORM_RATE") or ctx.scaled(500, 50))
     if ctx.gateway_urls:
         raise RuntimeError("storm kills a gateway: it needs the gateways it starts itself")
     with Cluster(ctx.workdir / "storm") as c:
@@ -303,17 +305,22 @@ def storm(ctx: Any) -> Run:
             results = fleet.finish(timeout=120)
         finally:
             fleet.terminate()
-    return _report(results, killed_at, clients, peak_b)
+    return _report(results, killed_at, clients, peak_b, rate)
 
 
-def _report(results: list[dict[str, Any]], killed_at: float, clients: int, peak: int) -> Run:
+def _report(
+    results: list[dict[str, Any]], killed_at: float, clients: int, peak: int, rate: int
+) -> Run:
     acks: dict[int, list[int]] = {int(k): v for k, v in results[-1]["acks"].items()}
-    lost = dups = mismatched = 0
+    lost = dups = mismatched = lost_unresumed = 0
     resumed: list[float] = []
     for r in results[:-1]:
         for room, first_seq, received, seq_sum, dup, resumed_at in r["storm"]:
             expected = [s for s in acks.get(room, []) if s > first_seq]
-            lost += max(0, len(expected) - received)
+            missing = max(0, len(expected) - received)
+            lost += missing
+            if not resumed_at:
+                lost_unresumed += missing
             if len(expected) == received and sum(expected) != seq_sum:
                 mismatched += 1
             dups += dup
@@ -339,6 +346,8 @@ def _report(results: list[dict[str, Any]], killed_at: float, clients: int, peak:
         "unacked": results[-1]["unacked"],
         "resumed_p50_s": percentile(resumed, 50) if resumed else None,
         "lost": lost,
+        "lost_by_clients_never_resumed": lost_unresumed,
+        "rate": rate,
         "mismatched_clients": mismatched,
         "duplicates": dups,
         "peak_rss_b": peak,
