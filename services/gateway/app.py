@@ -252,8 +252,7 @@ class Gateway:
         for problem in problems:
             session.push(frames.error(problem.code, problem.message, problem.ref or "hello"))
         if resume is not None and snapshot is not None:
-            after, replayed = await self._replay(session, resume, snapshot)
-            session.end_buffering(after, replayed)
+            await self._replay(session, resume, snapshot)
         else:
             if resume is not None:
                 session.push(frames.dumps({"type": "resumed", "replayed": 0, "complete": False}))
@@ -273,14 +272,13 @@ class Gateway:
                 metrics.ABUSE_DISCONNECTS.inc()
                 await session.close(close_code, "too many violations", flush=True)
 
-    async def _replay(self, session: Session, resume: int, snapshot: int) -> tuple[int, set[int]]:
+    async def _replay(self, session: Session, resume: int, snapshot: int) -> None:
         """Replay what the client missed (shared with every client resuming alongside, see
-        replay_cache.py). Returns the seq at or below which live messages held during
-        hello are dropped, and the seqs replayed (dropped from them too)."""
+        replay_cache.py), merged in seq order with the live messages held meanwhile, then
+        `resumed`; live frames follow."""
         assert self.replay is not None
-        replayed: list[Any] = []
+        replayed: list[tuple[int, str]] = []
         complete = False
-        after = snapshot  # if the replay fails: what was missed is not sent twice
         try:
             result = await self.replay.replay(
                 session.user,
@@ -289,16 +287,17 @@ class Gateway:
                 snapshot,
                 self.settings.recovery_max_messages,
             )
-            replayed, complete, after = result.messages, result.complete, result.after
         except Exception as exc:
             log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
-        for message in replayed:
-            session.push(message.for_user(session.user))
+            session.end_buffering(snapshot)  # what was missed is not sent twice
+        else:
+            replayed = [(m.seq, m.for_user(session.user)) for m in result.messages]
+            complete = result.complete
+            session.end_buffering(result.after, replayed)
         metrics.REPLAYED.inc(len(replayed))
         session.push(
             frames.dumps({"type": "resumed", "replayed": len(replayed), "complete": complete})
         )
-        return after, {message.seq for message in replayed}
 
 
 async def _receive_frame(receive: Receive) -> str | bytes | None:

@@ -121,18 +121,19 @@ class SharedReplay:
         position `upto` was read after its live subscriptions were in place)."""
         if upto <= after:
             return Replay([], True, after)
+        # Every await first, then one pass over the logs at one instant: a live message
+        # that arrives later is later in the hub's (stream) order than all of them.
+        room_logs = [await self._covering(names.room_subject(r), after + 1, upto) for r in rooms]
+        dms = await self._covering(DM_FILTER, after + 1, upto)
+        complete = after + 1 >= await self._first_seq.get()
         found: dict[int, MessageFrames] = {}
-        for room in rooms:
-            subject = names.room_subject(room)
-            entry = await self._covering(subject, after + 1, upto)
+        for entry in room_logs:
             for seq, (_, msg) in entry.msgs.items():
                 if seq > after:
                     found[seq] = msg
-        dms = await self._covering(DM_FILTER, after + 1, upto)
         for seq, (subject, msg) in dms.msgs.items():
             if seq > after and user in subject.split(".")[2:]:
                 found[seq] = msg
-        complete = after + 1 >= await self._first_seq.get()
         seqs = sorted(found)
         replay_after = after
         if len(seqs) > limit:

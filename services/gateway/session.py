@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Container, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from chatlib import ids
@@ -202,11 +202,19 @@ class Session:
         else:
             self.push(frame)
 
-    def end_buffering(self, after_seq: int, replayed: Container[int] = ()) -> None:
-        """Flush live messages held during hello, skipping those the replay covered."""
+    def end_buffering(self, after_seq: int, replay: list[tuple[int, str]] | None = None) -> None:
+        """Flush live messages held during hello after `after_seq`. With a `replay`
+        (seq, frame), merge the two in seq order, each message once: a shared replay
+        (replay_cache.py) may hold messages that also came live, and live ones it lacks."""
         buffered, self.live_buffer = self.live_buffer or [], None
+        if replay is not None:
+            replayed = {seq for seq, _ in replay}
+            buffered = sorted(
+                [*replay, *((s, f) for s, f in buffered if s > after_seq and s not in replayed)]
+            )
+            after_seq = -1
         for seq, frame in buffered:
-            if seq > after_seq and seq not in replayed:
+            if seq > after_seq:
                 self.push(frame)
 
     async def _write_loop(self) -> None:
