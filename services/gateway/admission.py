@@ -3,7 +3,8 @@ short cache of token checks.
 
 At most `hello_concurrency` hellos are answered at once (welcome, replay); up to
 `hello_queue` more wait for a turn. Beyond that a new WebSocket is refused before the
-upgrade with HTTP 503 and a `Retry-After` of about the time the queue takes to drain (at
+upgrade (and once the greeting rate is known, beyond what it greets in QUEUE_SECONDS)
+with HTTP 503 and a `Retry-After` of about the time the queue takes to drain (at
 least `hello_retry_after` seconds). The queue is kept short so that a socket admitted is
 greeted well within a client's patience (a hello answered after the client gave up is
 work thrown away, and a retry on top). Our clients back off
@@ -29,6 +30,9 @@ from chatlib.auth import Authenticator
 from gateway import metrics
 
 TOKEN_CACHE_MAX = 50_000
+# Once the greeting rate is known, no more sockets wait than can be greeted in this many
+# seconds: well within a client's patience (our clients wait 10-30 s for welcome/resumed).
+QUEUE_SECONDS = 10.0
 
 
 class Admission:
@@ -37,6 +41,7 @@ class Admission:
 
     def __init__(self, concurrency: int, queue: int, retry_after: int) -> None:
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._limit = concurrency + queue
         self._retry_after = retry_after
         self.pending = 0
@@ -47,7 +52,9 @@ class Admission:
 
     def full(self) -> bool:
         """No room even to wait: refuse the handshake (503)."""
-        return self.pending >= self._limit
+        if self.pending >= self._limit:
+            return True
+        return self._rate > 0 and self.pending >= self._concurrency + self._rate * QUEUE_SECONDS
 
     def retry_after(self) -> int:
         """Seconds a refused client should stay away: at least the setting, and about as

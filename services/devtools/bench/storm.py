@@ -160,8 +160,7 @@ async def receiver_worker(index: int, plan: Plan, progress: Any, go: Any, stop: 
     await _wait_event(go)
 
     async def follow(c: StormClient) -> None:
-        while True:
-            assert c.conn is not None
+        while c.conn is not None:  # None: dropped at the end of the run
             await c.conn.closed
             c.conn = None
             await c.reconnect(fallback)
