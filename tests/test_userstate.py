@@ -222,7 +222,7 @@ async def test_bad_reads_get_documented_errors_and_store_nothing(
             ({"room": "dev", "seq": "7"}, "bad_frame"),
             ({"seq": dev_seq}, "bad_frame"),
         ]
-        for fields, code in bad:
+        for fields, _code in bad:
             await alice.send({"type": "read", **fields})
         errors = await alice.expect_count(len(bad), type="error", ref="read")
         assert [e["code"] for e in errors] == [code for _, code in bad]

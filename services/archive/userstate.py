@@ -366,6 +366,7 @@ async def user_state(
                     last_ts_ms=r["last_ts"] or 0,
                 )
             )
+        await _fill_read_ids(conn, threads, tail)
         dm_marks = {k[2:]: v for k, v in markers.items() if k.startswith("d:")}
         peers = sorted(dm_marks)
         for d in await conn.fetch(
@@ -386,12 +387,31 @@ async def user_state(
                     last_ts_ms=d["last_ts_ms"],
                 )
             )
+        await _fill_read_ids(conn, threads[len(wanted) :], tail)
     return pb.UserState(
         rooms=sorted(rooms),
         threads=threads,
         archived_through=through,
         first_use=not known and not tail.events,
     )
+
+
+async def _fill_read_ids(conn: Db, threads: list[pb.ThreadState], tail: Tail) -> None:
+    """The id of the message at each marker (from the tail's events, else the archive)."""
+    from_tail = {
+        e.event.seq: e.event.message_id
+        for e in tail.events
+        if isinstance(e.event, pb.ReadEvent) and e.event.message_id
+    }
+    wanted = [t.read_seq for t in threads if t.read_seq and t.read_seq not in from_tail]
+    found = dict(from_tail)
+    if wanted:
+        for r in await conn.fetch(
+            "SELECT stream_seq, id FROM messages WHERE stream_seq = ANY($1::bigint[])", wanted
+        ):
+            found[r["stream_seq"]] = r["id"]
+    for t in threads:
+        t.read_id = found.get(t.read_seq, "")
 
 
 async def room_directory(db: asyncpg.Pool, request: pb.RoomsRequest) -> pb.RoomsPage:

@@ -109,7 +109,7 @@ async def handle_read(frame: dict[str, Any], session: Session, deps: Any) -> Non
         subject = names.dm_subject(session.user, peer)
     else:
         raise FrameError("bad_frame", 'read needs "room" or "with"', "read")
-    await _check_marker(deps, seq, subject)
+    message_id = await _check_marker(deps, seq, subject)
     event_id = ids.new_id()
     event = pb.ReadEvent(
         id=event_id,
@@ -118,14 +118,15 @@ async def handle_read(frame: dict[str, Any], session: Session, deps: Any) -> Non
         dm_peer=peer,
         seq=seq,
         ts_ms=int(time.time() * 1000),
+        message_id=message_id,
     )
     # Every session of the user (this one too) gets the `read` frame from the live copy.
     await publish_event(deps, names.read_subject(session.user), event, event_id)
 
 
-async def _check_marker(deps: Any, seq: int, subject: str) -> None:
+async def _check_marker(deps: Any, seq: int, subject: str) -> str:
     """The message at `seq` must exist and belong to the thread (a marker names a
-    message of its own thread, never one past the end)."""
+    message of its own thread, never one past the end); returns its id ("" if unknown)."""
     bad = FrameError("bad_marker", "seq is not a message of that thread", "read")
     try:
         stored = await deps.js.get_msg(names.STREAM_CHAT, seq)
@@ -136,11 +137,15 @@ async def _check_marker(deps: Any, seq: int, subject: str) -> None:
             raise FrameError("state_unavailable", "cannot check the marker now", "read") from exc
         if seq > info.state.last_seq:
             raise FrameError("bad_marker", "seq is past the end of the log", "read") from None
-        return  # aged out of the log: it can only be an old (harmless) marker
+        return ""  # aged out of the log: it can only be an old (harmless) marker
     except Exception as exc:
         raise FrameError("state_unavailable", "cannot check the marker now", "read") from exc
     if stored.subject != subject:
         raise bad
+    try:
+        return codec.decode_as(pb.ChatMessage, stored.data or b"", stored.headers).id
+    except codec.DecodeError:
+        return ""
 
 
 async def _ask(
@@ -275,6 +280,8 @@ async def welcome_unread(
         markers[key] = t.read_seq
         entry: dict[str, Any] = {"room": t.room} if t.room else {"with": t.dm_peer}
         entry.update(unread=t.unread, mentions=t.mentions, read_seq=t.read_seq, last_seq=t.last_seq)
+        if t.read_id:
+            entry["read_id"] = t.read_id
         counts[key] = entry
     through = min(state.archived_through, snapshot)
     if through < snapshot:
@@ -362,7 +369,10 @@ class UserEvents:
                 _push(session, frame)
         elif isinstance(event, pb.ReadEvent):
             target = {"room": event.room} if event.room else {"with": event.dm_peer}
-            frame = frames.dumps({"type": "read", **target, "seq": event.seq})
+            read: dict[str, Any] = {"type": "read", **target, "seq": event.seq}
+            if event.message_id:
+                read["id"] = event.message_id
+            frame = frames.dumps(read)
             for session in sessions:
                 _push(session, frame)
         elif isinstance(event, pb.MentionEvent):
