@@ -13,9 +13,11 @@ import pytest
 from archive import userstate as archive_userstate
 from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
+from devtools.servers import url_as
 from nats.aio.client import Client as NATS
 
 from tests.archive_fixtures import ArchiveProc, archive_db, archive_procs, start_archive
+from tests.chatctl_fixtures import run_chatctl
 from tests.gateway_fixtures import ChatClient, GatewayProc, clients, gateways
 from tests.presence_fixtures import PresenceReplicas, presence_replicas
 from tests.waiting import wait_until
@@ -337,7 +339,10 @@ async def test_mentions_go_out_as_events_on_nats_for_members_only(
 
 
 async def test_the_room_directory_and_dm_threads_page_from_the_server(
-    system: list[GatewayProc], database_url: str, presence_replicas: PresenceReplicas
+    system: list[GatewayProc],
+    database_url: str,
+    presence_replicas: PresenceReplicas,
+    nats_server: Any,
 ) -> None:
     presence_replicas.start(1)
     gw_a, gw_b = system
@@ -373,3 +378,14 @@ async def test_the_room_directory_and_dm_threads_page_from_the_server(
         ]
         await alice.send({"type": "rooms", "prefix": "D!"})
         await alice.expect(type="error", code="bad_room", ref="rooms")
+
+        # The operator's view of the same state.
+        server = url_as(nats_server.url, "admin")
+        listed = await run_chatctl("-s", server, "rooms", "--prefix", "d")
+        assert listed.code == 0, listed.err
+        assert [(r["name"], r["members"]) for r in listed.lines()] == [("design", 1), ("dev", 2)]
+        unread = await run_chatctl("-s", server, "unread", "alice")
+        assert unread.code == 0, unread.err
+        dms = {t["with"]: t["unread"] for t in unread.lines() if "with" in t}
+        assert dms == {"bob": 1, "carol": 1}
+        assert (await run_chatctl("-s", server, "unread", "Not A User")).code == 2
