@@ -56,7 +56,7 @@ async def test_two_devices_of_one_user_agree_on_rooms_badges_and_the_divider(
             "2", timeout=WAIT_MS
         )
         await phone.page.click(f'#rooms li[data-room="{room}"] .thread-button')
-        await expect(phone.message("bob", "fifth")).to_have_count(1, timeout=WAIT_MS)
+        await expect(phone.message(bob.name, "fifth")).to_have_count(1, timeout=WAIT_MS)
         after_divider = phone.page.locator(
             "#message-list li.new-divider + li[data-id]"
         ).get_by_test_id("content")
