@@ -389,3 +389,67 @@ async def test_the_room_directory_and_dm_threads_page_from_the_server(
         dms = {t["with"]: t["unread"] for t in unread.lines() if "with" in t}
         assert dms == {"bob": 1, "carol": 1}
         assert (await run_chatctl("-s", server, "unread", "Not A User")).code == 2
+
+
+async def test_joins_wait_in_the_stream_while_no_archive_runs_and_count_at_once(
+    system: list[GatewayProc],
+    archive_procs: list[ArchiveProc],
+    nats_server: Any,
+    database_url: str,
+    logs_dir: Path,
+) -> None:
+    """Both archive replicas dead: joins are still stored (in USERSTATE) and
+    applied when a replica is back. Then, with the archive unable to apply (its table
+    locked), a new device still sees the latest join: hello lays the unapplied events
+    over what Postgres holds."""
+    gw_a, gw_b = system
+    for proc in archive_procs:
+        proc.kill()
+    async with clients(ChatClient.connect(gw_a, "alice"), ChatClient.connect(gw_b, "alice")) as (
+        phone,
+        laptop,
+    ):
+        await phone.send({"type": "join", "room": "dev"})
+        await phone.expect(type="joined", room="dev")
+        await laptop.expect(type="membership", room="dev", joined=True, timeout=1.0)
+        assert not phone.matching(type="error", ref="join")
+        start_archive(archive_procs, nats_server.url, database_url, logs_dir)
+        await wait_until(lambda: _has(member_rooms(database_url, "alice"), "dev"), "applied")
+
+        lock = await asyncpg.connect(database_url)
+        try:
+            tx = lock.transaction()
+            await tx.start()
+            await lock.execute("LOCK TABLE memberships IN EXCLUSIVE MODE")
+            await laptop.send({"type": "join", "room": "ops"})
+            await phone.expect(type="membership", room="ops", joined=True)
+            async with clients(ChatClient.connect(gw_a, "alice")) as (tablet,):
+                assert tablet.welcome["rooms"] == ["dev", "lobby", "ops"]
+            assert "ops" not in await member_rooms(database_url, "alice")  # not applied yet
+            await tx.rollback()
+        finally:
+            await lock.close()
+        await wait_until(lambda: _has(member_rooms(database_url, "alice"), "ops"), "applied")
+
+
+async def test_a_forged_or_undecodable_user_state_event_is_parked_and_changes_nothing(
+    system: list[GatewayProc], nc: NATS, database_url: str
+) -> None:
+    js = nc.jetstream()
+    forged = pb.MembershipEvent(id="forged-1", user="alice", room="dev", joined=True, ts_ms=1)
+    payload, headers = codec.encode(forged)
+    await js.publish(names.membership_subject("mallory"), payload, headers=headers)
+    await js.publish(names.read_subject("mallory"), b"\xff\x00garbage")
+    await wait_until(lambda: _dead_count(js), "both parked", timeout=15)
+    rows = await fetch(database_url, "SELECT * FROM memberships")
+    assert rows == []
+    # Real traffic still flows.
+    gw_a, _ = system
+    async with clients(ChatClient.connect(gw_a, "alice")) as (alice,):
+        await alice.send({"type": "join", "room": "dev"})
+        await wait_until(lambda: _has(member_rooms(database_url, "alice"), "dev"), "applied")
+
+
+async def _dead_count(js: Any) -> bool:
+    info = await js.stream_info("DEADLETTER", subjects_filter=names.DEAD_LETTER_USERSTATE)
+    return bool(info.state.messages >= 2)

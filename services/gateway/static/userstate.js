@@ -190,7 +190,7 @@ export function placeDivider(t) {
     if (li.dataset.id > t.dividerId && li.dataset.sender !== api.state.user) {
       const divider = api.el(
         "li",
-        { class: "new-divider", role: "separator", dataset: { testid: "new-divider" } },
+        { class: "new-divider", dataset: { testid: "new-divider" } },
         api.el("span", { text: "New messages" }),
       );
       list.insertBefore(divider, li);
@@ -235,7 +235,7 @@ function buildBrowser() {
   const open = el("button", {
     type: "button",
     id: "browse-open",
-    class: "link-button",
+    class: "browse-open",
     text: "Browse rooms",
     dataset: { testid: "browse-open" },
   });
