@@ -18,6 +18,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from chatlib import mentions, names, validate
 from chatlib.proto.chat import v1 as pb
+from chatlib.userstate_wire import State, Thread
 
 from archive.handlers import PoisonTask, Row, bad_request, write_rows
 
@@ -326,7 +327,9 @@ STATE_DM_THREADS_MAX = 500
 
 async def user_state(
     db: asyncpg.Pool, request: pb.UserStateRequest, watermark: int, tail: Tail
-) -> pb.UserState:
+) -> State:
+    """The user's rooms and counts; the service encodes it with chatlib.userstate_wire
+    (a pb.UserState, byte for byte, without betterproto2's cost for 200 threads)."""
     user = request.user
     if not validate.is_valid_name(user):
         raise bad_request("user is missing or invalid")
@@ -347,7 +350,7 @@ async def user_state(
             tail,
         )
         wanted = sorted({*rooms, *extra})
-        threads: list[pb.ThreadState] = []
+        threads: list[Thread] = []
         for r in await conn.fetch(
             ROOM_COUNTS,
             user,
@@ -357,7 +360,7 @@ async def user_state(
             [markers.get(room_thread(room), 0) for room in wanted],
         ):
             threads.append(
-                pb.ThreadState(
+                Thread(
                     room=r["room"],
                     unread=r["unread"],
                     mentions=r["mentions"],
@@ -366,7 +369,6 @@ async def user_state(
                     last_ts_ms=r["last_ts"] or 0,
                 )
             )
-        await _fill_read_ids(conn, threads, tail)
         dm_marks = {k[2:]: v for k, v in markers.items() if k.startswith("d:")}
         peers = sorted(dm_marks)
         for d in await conn.fetch(
@@ -379,7 +381,7 @@ async def user_state(
             STATE_DM_THREADS_MAX,
         ):
             threads.append(
-                pb.ThreadState(
+                Thread(
                     dm_peer=d["peer"],
                     unread=d["unread"],
                     read_seq=d["marker"],
@@ -387,8 +389,8 @@ async def user_state(
                     last_ts_ms=d["last_ts_ms"],
                 )
             )
-        await _fill_read_ids(conn, threads[len(wanted) :], tail)
-    return pb.UserState(
+        threads = await _with_read_ids(conn, threads, tail)
+    return State(
         rooms=sorted(rooms),
         threads=threads,
         archived_through=through,
@@ -396,7 +398,7 @@ async def user_state(
     )
 
 
-async def _fill_read_ids(conn: Db, threads: list[pb.ThreadState], tail: Tail) -> None:
+async def _with_read_ids(conn: Db, threads: list[Thread], tail: Tail) -> list[Thread]:
     """The id of the message at each marker (from the tail's events, else the archive)."""
     from_tail = {
         e.event.seq: e.event.message_id
@@ -410,8 +412,7 @@ async def _fill_read_ids(conn: Db, threads: list[pb.ThreadState], tail: Tail) ->
             "SELECT stream_seq, id FROM messages WHERE stream_seq = ANY($1::bigint[])", wanted
         ):
             found[r["stream_seq"]] = r["id"]
-    for t in threads:
-        t.read_id = found.get(t.read_seq, "")
+    return [t._replace(read_id=found[t.read_seq]) if t.read_seq in found else t for t in threads]
 
 
 async def room_directory(db: asyncpg.Pool, request: pb.RoomsRequest) -> pb.RoomsPage:

@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import betterproto2
 import nats.errors
+import nats.js.errors
 import nats.micro
-from chatlib import codec, names
+from chatlib import codec, names, userstate_wire
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -37,6 +38,7 @@ VERSION = "1.0.0"
 BATCH = 500
 TAIL_FETCH = 256
 EVENT_SUBJECTS = [names.USER_MEMBERSHIP_ALL, names.USER_READ_ALL]
+STATE_HEADERS = {names.HEADER_TYPE: codec.type_name(pb.UserState())}
 
 
 class UserStateService:
@@ -89,17 +91,26 @@ class UserStateService:
         await request.respond(payload, headers=headers)
 
     async def _state(self, request: Request) -> None:
-        async def work(pool: asyncpg.Pool, query: betterproto2.Message) -> betterproto2.Message:
-            assert isinstance(query, pb.UserStateRequest)
-            watermark = await userstate.advance_watermark(pool)
+        try:
+            query = codec.decode_as(pb.UserStateRequest, request.data, request.headers)
+        except codec.DecodeError as exc:
+            raise ServiceError("400", one_line(str(exc))) from exc
+        if self.pool is None:
+            raise ServiceError("503", "user-state database not available yet")
+        try:
+            watermark = await userstate.advance_watermark(self.pool)
             try:
                 tail = await self.unapplied(query.user)
             except Exception as exc:
                 log.warning("cannot read unapplied user-state events: %s", exc)
                 raise ServiceError("503", "user-state events unavailable") from exc
-            return await userstate.user_state(pool, query, watermark, tail)
-
-        await self._answer(request, pb.UserStateRequest, work)
+            state = await userstate.user_state(self.pool, query, watermark, tail)
+        except DB_UNAVAILABLE as exc:
+            raise ServiceError("503", "user-state database unavailable") from exc
+        payload = userstate_wire.encode_user_state(
+            state.rooms, state.threads, state.archived_through, state.first_use
+        )
+        await request.respond(payload, headers=dict(STATE_HEADERS))
 
     async def _rooms(self, request: Request) -> None:
         async def work(pool: asyncpg.Pool, query: betterproto2.Message) -> betterproto2.Message:
@@ -123,10 +134,21 @@ class UserStateService:
         )
         if not info.num_pending and not info.num_ack_pending:
             return userstate.Tail()
-        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+        # Other users' events are what usually waits: look at this user's last ones first
+        # (two direct gets) before reading anything.
+        latest = 0
+        for subject in (names.membership_subject(user), names.read_subject(user)):
+            try:
+                last = await self.js.get_last_msg(names.STREAM_USERSTATE, subject)
+            except nats.js.errors.NotFoundError:
+                continue
+            latest = max(latest, last.seq or 0)
+        if latest <= floor:
+            return userstate.Tail()
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=(floor or 0) + 1,
+            opt_start_seq=floor + 1,
             filter_subjects=[names.membership_subject(user), names.read_subject(user)],
             ack_policy=api.AckPolicy.NONE,
             inactive_threshold=30.0,

@@ -23,7 +23,7 @@ from typing import Any
 
 import betterproto2
 import nats.js.errors
-from chatlib import codec, ids, mentions, names, presence_client
+from chatlib import codec, ids, mentions, names, presence_client, userstate_wire
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -231,7 +231,7 @@ async def handle_threads(frame: dict[str, Any], session: Session, deps: Any) -> 
 class HelloState:
     """What the archive said about the user at hello (None fields: it did not answer)."""
 
-    state: pb.UserState | None = None
+    state: Any = None  # userstate_wire.State or pb.UserState (same attribute names)
     problems: list[FrameError] = field(default_factory=list)
 
     @property
@@ -242,10 +242,23 @@ class HelloState:
 async def load_state(deps: Any, user: str, hint_rooms: list[str]) -> HelloState:
     """One request to the archive for the user's rooms and counts (no per-room trips)."""
     request = pb.UserStateRequest(user=user, rooms=hint_rooms, cap=UNREAD_CAP)
+    payload, headers = codec.encode(request)
     try:
-        state = await _ask(deps, names.USERSTATE_STATE, request, pb.UserState, "hello")
-    except FrameError as exc:
-        return HelloState(problems=[exc])
+        reply = await deps.nc.request(
+            names.USERSTATE_STATE, payload, timeout=STATE_TIMEOUT, headers=headers
+        )
+    except Exception as exc:  # no archive, NATS trouble: a welcome without counts
+        log.info("user state unavailable: %s", exc)
+        return HelloState()
+    if (reply.headers or {}).get(ERROR_CODE_HEADER):
+        return HelloState()
+    state: Any = userstate_wire.parse_user_state(reply.data)
+    if state is None:  # not the canonical encoding: the codec judges it
+        try:
+            state = codec.decode_as(pb.UserState, reply.data, reply.headers)
+        except codec.DecodeError as exc:
+            log.warning("undecodable user state: %s", exc)
+            return HelloState()
     return HelloState(state=state)
 
 
