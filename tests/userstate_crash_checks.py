@@ -65,14 +65,18 @@ async def probe_welcome(url: str, user: str) -> dict[str, Any]:
 async def check_unread_exact(
     nc: NATS, urls: list[str], clients: list[ScoringClient], markers: Markers, label: str
 ) -> None:
-    """Each user's welcome counts equal the CHAT log's messages from others after the
-    marker, up to welcome.seq (capped), for every thread of theirs."""
+    """Each user's welcome lists their rooms (from the server: the hello names none) and
+    counts equal the CHAT log's messages from others after the marker, up to welcome.seq
+    (capped), for every thread of theirs."""
     problems: list[str] = []
     welcomes = [await probe_welcome(urls[n % len(urls)], c.user) for n, c in enumerate(clients)]
     log = await chat_log(nc)
     for client, welcome in zip(clients, welcomes, strict=True):
         user = client.user
         assert "unread" in welcome, f"{label}: {user}'s welcome has no unread counts"
+        # The rooms come from the server alone (this hello named none): memberships
+        # survived every crash so far.
+        assert welcome["rooms"] == sorted(client.rooms), (label, user, welcome["rooms"])
         got = {
             ("room:" + e["room"]) if "room" in e else ("dm:" + e["with"]): e["unread"]
             for e in welcome["unread"]
