@@ -11,12 +11,13 @@ import pytest
 
 from tests import test_page
 from tests.system_fixtures import ChatSystem
-from tests.test_page import WAIT_MS, close_all, new_person, unique
+from tests.test_page import WAIT_MS, axe_problems, close_all, new_person, unique
 
 pytestmark = pytest.mark.browser
 
 browser = test_page.browser
 system = test_page.system
+axe_source = test_page.axe_source
 
 
 def room_item(person: test_page.Person, room: str) -> Any:
@@ -24,7 +25,7 @@ def room_item(person: test_page.Person, room: str) -> Any:
 
 
 async def test_two_devices_of_one_user_agree_on_rooms_badges_and_the_divider(
-    browser: Any, system: ChatSystem
+    browser: Any, system: ChatSystem, axe_source: str
 ) -> None:
     from playwright.async_api import expect
 
@@ -44,6 +45,7 @@ async def test_two_devices_of_one_user_agree_on_rooms_badges_and_the_divider(
             badge = room_item(device, room).get_by_test_id("unread")
             await expect(badge).to_have_text("3", timeout=WAIT_MS)
             await expect(room_item(device, room).get_by_test_id("mentions")).to_have_text("@1")
+        assert await axe_problems(phone.page, axe_source) == []  # the mention badge reads
         # Read on the laptop: the phone's badges clear within a second.
         await laptop.page.click(f'#rooms li[data-room="{room}"] .thread-button')
         await expect(room_item(phone, room).get_by_test_id("unread")).to_have_count(0, timeout=1000)
@@ -104,7 +106,7 @@ async def test_a_new_device_shows_the_servers_rooms_dm_threads_and_unread_counts
 
 
 async def test_the_room_browser_searches_by_prefix_and_joins(
-    browser: Any, system: ChatSystem
+    browser: Any, system: ChatSystem, axe_source: str
 ) -> None:
     from playwright.async_api import expect
 
@@ -119,6 +121,13 @@ async def test_the_room_browser_searches_by_prefix_and_joins(
         rows = visitor.page.locator("#browse-list li")
         await expect(rows).to_have_count(2, timeout=WAIT_MS)
         await expect(rows.first).to_contain_text("1 member")
+        problems = {}
+        for theme in ("light", "dark"):
+            if await visitor.page.get_attribute("html", "data-theme") != theme:
+                await visitor.page.evaluate("document.getElementById('theme').click()")
+            await expect(visitor.page.locator("html")).to_have_attribute("data-theme", theme)
+            problems[theme] = await axe_problems(visitor.page, axe_source)
+        assert {k: v for k, v in problems.items() if v} == {}
         await visitor.page.click(f'[data-testid="browse-join-{prefix}-beta"]')
         await expect(visitor.page.locator("#thread-title")).to_have_text(
             f"# {prefix}-beta", timeout=WAIT_MS

@@ -219,7 +219,7 @@ function buildBrowser() {
   });
   search.addEventListener("input", () => requestRooms(search.value.trim().toLowerCase(), ""));
   const list = el("ul", { id: "browse-list", class: "browse-list", dataset: { testid: "browse-list" } });
-  const more = el("button", { type: "button", id: "browse-more", text: "More rooms", hidden: true });
+  const more = el("button", { type: "button", id: "browse-more", class: "primary", text: "More rooms", hidden: true });
   more.addEventListener("click", () => requestRooms(browsePrefix, browseAfter));
   const close = el("button", { type: "button", class: "icon-button", "aria-label": "Close", text: "×" });
   const dialog = el(
@@ -264,11 +264,17 @@ function requestRooms(prefix, after) {
 export function onRooms(f) {
   if (!browser || !Array.isArray(f.rooms)) return;
   const { el } = api;
+  // Answers carry no request id: one for an older search may arrive after the list was
+  // cleared for a newer one, so keep only names of the current search, each once.
+  const listed = new Set([...browser.list.children].map((li) => li.dataset.room));
   for (const r of f.rooms) {
     if (!r || typeof r.name !== "string") continue;
+    if (!r.name.startsWith(browsePrefix) || listed.has(r.name)) continue;
+    listed.add(r.name);
     const joined = api.state.rooms.has(r.name);
     const action = el("button", {
       type: "button",
+      class: "primary",
       text: joined ? "Open" : "Join",
       dataset: { testid: `browse-join-${r.name}` },
     });
