@@ -271,11 +271,16 @@ class Tail:
 
 
 def overlay(
-    rooms: dict[str, int], markers: dict[str, int], tail: Tail
+    rooms: dict[str, int],
+    markers: dict[str, int],
+    tail: Tail,
+    left_rooms: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Memberships (room -> event seq, member rooms only) and markers after the tail."""
+    """Memberships (room -> event seq, member rooms only) and markers after the tail.
+    `left_rooms`: rooms stored as left, with the sequence of the leave (an older join
+    still unacked in the tail must not bring them back)."""
     member = dict(rooms)
-    left: dict[str, int] = {}
+    left: dict[str, int] = dict(left_rooms or {})
     marks = dict(markers)
     for item in sorted(tail.events, key=lambda e: e.seq):
         event = item.event
@@ -338,16 +343,15 @@ async def user_state(
     through = min(watermark, request.upto_seq) if request.upto_seq else watermark
     async with db.acquire() as conn:
         stored = await conn.fetch(
-            'SELECT room, event_seq FROM memberships WHERE "user" = $1 AND member', user
+            'SELECT room, member, event_seq FROM memberships WHERE "user" = $1', user
         )
         marks = await conn.fetch('SELECT thread, seq FROM read_markers WHERE "user" = $1', user)
-        known = await conn.fetchval(
-            'SELECT EXISTS (SELECT 1 FROM memberships WHERE "user" = $1)', user
-        )
+        known = bool(stored)
         rooms, markers = overlay(
-            {r["room"]: r["event_seq"] for r in stored},
+            {r["room"]: r["event_seq"] for r in stored if r["member"]},
             {m["thread"]: m["seq"] for m in marks},
             tail,
+            {r["room"]: r["event_seq"] for r in stored if not r["member"]},
         )
         wanted = sorted({*rooms, *extra})
         threads: list[Thread] = []
