@@ -233,7 +233,13 @@ async def record_skipped(db: asyncpg.Pool | asyncpg.Connection, seq: int) -> Non
 
 async def advance_watermark(db: asyncpg.Pool, floor: int = 0) -> int:
     """Move the watermark over every contiguous stored (or skipped) sequence after it;
-    returns it. `floor`: sequences below it are gone from the CHAT log (never to come)."""
+    returns it. `floor`: sequences below it are gone from the CHAT log (never to come).
+
+    Every CHAT sequence must end up either as a `messages` row with its stream_seq or in
+    `skipped_seqs`: a CHAT entry that is not a message row (e.g. an edit or a reaction
+    event stored elsewhere) must be recorded with record_skipped() when it is applied,
+    or the watermark stops there (counts stay exact, but hello reads an ever longer
+    tail from the CHAT log)."""
     current = int(await db.fetchval("SELECT seq FROM archive_watermark WHERE id = 1") or 0)
     start = max(current, floor)
     while True:
