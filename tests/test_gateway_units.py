@@ -15,6 +15,7 @@ from gateway import frames
 from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.frames import FrameError
+from gateway.recovery import filter_groups
 from gateway.session import _text_frame
 from gateway.settings import GatewaySettings
 from websockets.frames import Frame, Opcode
@@ -92,6 +93,12 @@ def test_a_message_is_rendered_once_with_client_id_only_for_its_sender() -> None
         "client_id": "c1",
     }
     assert "client_id" not in orjson.loads(other)
+
+
+def test_recovery_filters_do_not_overlap_within_one_consumer() -> None:
+    mine, theirs = filter_groups("alice", ["lobby", "dev"])
+    assert mine == ["chat.room.dev", "chat.room.lobby", "chat.dm.alice.*"]
+    assert theirs == ["chat.dm.*.alice"]
 
 
 def test_guest_tokens_round_trip_and_expire() -> None:

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
 
-from gateway import frames, handlers, metrics
+from gateway import frames, handlers, metrics, userstate
 from gateway.admission import Admission, Ticket, TokenCache
 from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
@@ -64,6 +64,7 @@ class Gateway:
         self.js: JetStreamContext | None = None
         self.hub: Hub | None = None
         self.presence: PresenceLink | None = None
+        self.user_events: userstate.UserEvents | None = None
         self.active: set[asyncio.Task[Any]] = set()
         self.sessions: set[Session] = set()
         self._chat_position: SharedRead[int] | None = None
@@ -84,6 +85,8 @@ class Gateway:
         )
         self.hub.replay_log = self.replay
         await self.hub.start()
+        self.user_events = userstate.UserEvents(nc, self.hub)
+        await self.user_events.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
         self.roster = Roster(nc, js, self.settings)
@@ -118,6 +121,8 @@ class Gateway:
     async def close(self) -> None:
         if self.roster is not None:
             await self.roster.stop()
+        if self.user_events is not None:
+            await self.user_events.stop()
         if self.presence is not None:
             await self.presence.stop()
         if self.hub is not None:
@@ -217,6 +222,9 @@ class Gateway:
                 watch = watch_list(hello["watch"], self.settings.watch_max, "hello")
             except FrameError as exc:
                 problems.append(exc)
+        # The user's stored rooms and counts: one request to the archive (userstate.py).
+        state = await userstate.load_state(deps, session.user, rooms)
+        rooms += [room for room in state.rooms if room not in rooms]
         # Live subscriptions first (buffered in the session), then the snapshot: every
         # message after the snapshot arrives live, everything before it is replayed.
         await deps.hub.add(session, rooms)
@@ -234,19 +242,24 @@ class Gateway:
         # Presence never answered since we started (it may be starting): ask it now.
         known = self.roster.online_known or await self._online_known.get()
         online = self.scope.welcome_online(session) if known else None
-        session.push(
-            frames.dumps(
-                {
-                    "type": "welcome",
-                    "v": frames.VERSION,
-                    "user": session.user,
-                    "rooms": sorted(session.rooms),
-                    # Scoped (gateway/scope.py); includes ourselves, reported just after this.
-                    "online": online if online is not None else [],
-                    "seq": snapshot or 0,
-                }
-            )
+        await userstate.store_hello_rooms(deps, session.user, state, sorted(session.rooms))
+        unread = await userstate.welcome_unread(
+            deps, session.user, sorted(session.rooms), state, snapshot
         )
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "v": frames.VERSION,
+            "user": session.user,
+            "rooms": sorted(session.rooms),
+            # Scoped (gateway/scope.py); includes ourselves, reported just after this.
+            "online": online if online is not None else [],
+            "seq": snapshot or 0,
+        }
+        if unread is not None:
+            # Exact up to `seq` (README: "User state"); absent when the archive is down.
+            welcome["unread"] = unread
+            welcome["unread_cap"] = userstate.UNREAD_CAP
+        session.push(frames.dumps(welcome))
         if online is None:
             problems.append(FrameError("presence_unavailable", "who is online is unknown"))
         for problem in problems:

@@ -21,6 +21,13 @@ FETCH_BATCH = 256
 FETCH_TIMEOUT = 2.0
 
 
+def filter_groups(user: str, rooms: list[str]) -> list[list[str]]:
+    """Filter subjects for reading a user's rooms and DMs. One consumer's filters may not
+    overlap, and chat.dm.<user>.* overlaps chat.dm.*.<user> (at chat.dm.<user>.<user>): two."""
+    mine, theirs = names.dm_subjects_of(user)
+    return [[*(names.room_subject(r) for r in sorted(rooms)), mine], [theirs]]
+
+
 async def read_range(
     js: JetStreamContext, subjects: list[str], start: int, upto: int
 ) -> dict[int, pb.ChatMessage]:
