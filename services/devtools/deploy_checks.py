@@ -111,12 +111,14 @@ class Permissions:
 
 
 KV_STREAM_PRESENCE = f"KV_{names.KV_PRESENCE}"
+KV_STREAM_GUEST_NAMES = f"KV_{names.KV_GUEST_NAMES}"
 ALL_STREAMS = (
     names.STREAM_CHAT,
     names.STREAM_ARCHIVE,
     names.STREAM_DEAD,
     names.STREAM_PRESENCE,
     KV_STREAM_PRESENCE,
+    KV_STREAM_GUEST_NAMES,
 )
 # Streams whose consumers each service may create, read and ack. Everything else is
 # denied, e.g. the gateway cannot pull (steal) the archive's work queue.
@@ -186,6 +188,7 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_ROOM,  # requests to the archive's history service
                 names.HISTORY_DM,
                 names.PRESENCE_WHO,  # requests to presence's who-is-online service
+                kv_subject(names.KV_GUEST_NAMES),  # guest name reservations
                 *jetstream,
             ],
             publish_deny=jetstream_denies("gateway"),
