@@ -106,10 +106,10 @@ class Authenticator:
                 token, s.guest_secret, algorithms=["HS256"], issuer=GUEST_ISSUER, options=options
             )
         if s.auth_mode == "oidc":
-            key = self._jwks_client().get_signing_key_from_jwt(token)
+            signing_key = self._jwks_client().get_signing_key_from_jwt(token)
             return jwt.decode(
                 token,
-                key,
+                signing_key,
                 algorithms=OIDC_ALGORITHMS,
                 issuer=s.oidc_issuer,
                 audience=s.oidc_audience or s.oidc_client_id,
@@ -146,7 +146,7 @@ def discover(issuer: str, timeout: float) -> dict[str, Any]:
     """The provider's OpenID configuration (its endpoints, among them jwks_uri)."""
     url = issuer.rstrip("/") + "/.well-known/openid-configuration"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (https/http issuer URL)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             config: dict[str, Any] = json.load(resp)
     except (OSError, ValueError) as exc:
         raise AuthError(f"cannot read the provider's discovery document: {exc}") from exc

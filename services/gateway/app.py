@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +385,7 @@ def build_app(gateway: Gateway) -> Any:
             https = scope.get("scheme") == "https" or forwarded == "https"
             extra = security_headers(csp, https, settings.hsts_max_age)
 
-            async def send_with_headers(event: dict[str, Any]) -> None:
+            async def send_with_headers(event: MutableMapping[str, Any]) -> None:
                 if event["type"] == "http.response.start":
                     event = {**event, "headers": [*event.get("headers", []), *extra]}
                 await send(event)
