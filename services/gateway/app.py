@@ -76,7 +76,7 @@ class Gateway:
         if self.settings.auth_mode == "guest":
             s = self.settings
             kv = await ensure_bucket(js, s.guest_hold, s.stream_replicas)
-            self.guest_names = GuestNames(kv, s.guest_hold)
+            self.guest_names = GuestNames(js, kv, s.guest_hold, s.stream_replicas)
             self.guest_names.start(self._live_holds, self._hold_lost)
         self.accepting = True
 

@@ -58,9 +58,11 @@ async def ensure_bucket(js: JetStreamContext, hold_seconds: float, replicas: int
 
 
 class GuestNames:
-    def __init__(self, kv: KeyValue, hold_seconds: float) -> None:
-        self.kv = kv
-        self.hold_seconds = hold_seconds
+    def __init__(
+        self, js: JetStreamContext, kv: KeyValue, hold_seconds: float, replicas: int
+    ) -> None:
+        self.js, self.kv = js, kv
+        self.hold_seconds, self.replicas = hold_seconds, replicas
         self._task: asyncio.Task[None] | None = None
         # name -> (holder, when we last wrote the hold): a hold written less than a
         # refresh interval ago cannot have lapsed, so a reconnect or a second tab of
@@ -74,7 +76,16 @@ class GuestNames:
             if time.monotonic() - known[1] < self.hold_seconds / REFRESHES_PER_HOLD:
                 return
         written = time.monotonic()
-        await self._write(name, holder)
+        try:
+            await self._write(name, holder)
+        except (NameTaken, KeyWrongLastSequenceError):
+            raise
+        except Exception as exc:
+            # The bucket may be gone (an operator removed it, a test wiped the server):
+            # make it again once, then try again. Other trouble propagates (fail closed).
+            log.info("guest names bucket unusable (%s): provisioning it again", exc)
+            self.kv = await ensure_bucket(self.js, self.hold_seconds, self.replicas)
+            await self._write(name, holder)
         self._confirmed[name] = (holder, written)
 
     async def _write(self, name: str, holder: str) -> None:
