@@ -126,7 +126,9 @@ async def test_sign_in_chat_refresh_and_sign_out_through_the_provider(
     await wait_for(lambda: time.time() > first_exp + 1, "the first token expired", 15)
     cid = await tom.send_room("lobby", "still there, sara?")
     await tom.expect(type="ack", client_id=cid)
-    await expect(page.locator("#message-list")).to_contain_text("still there, sara?", timeout=WAIT_MS)
+    await expect(page.locator("#message-list")).to_contain_text(
+        "still there, sara?", timeout=WAIT_MS
+    )
     await expect(page.locator("#status")).to_have_attribute("data-state", "online")
     assert await page.evaluate("window.__sockets") == 1
     await expect(page.locator("#conn-bar")).to_be_hidden()
