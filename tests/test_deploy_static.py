@@ -375,3 +375,148 @@ def test_every_nats_config_parses_with_passwords_from_the_environment(
         text=True,
     )
     assert done.returncode != 0
+
+
+# --- least privilege ---------------------------------------------------------------------
+
+
+def _namespace(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (namespace,) = dc.find(objs, "Namespace")
+    return namespace
+
+
+def _pod(objs: list[dict[str, Any]], name: str) -> dc.Endpoint:
+    ns = _namespace(objs)["metadata"]["name"]
+    (workload,) = [w for w in dc.workloads(objs) if w["metadata"]["name"] == name]
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return dc.Endpoint(ns, {"kubernetes.io/metadata.name": ns}, labels)
+
+
+def test_every_workload_meets_the_restricted_pod_security_standard(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    labels = _namespace(objs)["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    found = dc.workloads(objs)
+    assert {w["metadata"]["name"] for w in found} >= {
+        "gateway", "presence", "archive", "rpc", "nats", "postgres",
+    }  # fmt: skip
+    for workload in found:
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod.get("automountServiceAccountToken") is False, name
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        assert not any("hostPath" in v for v in pod.get("volumes", [])), name
+        pod_sec = pod.get("securityContext", {})
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sec = container.get("securityContext", {})
+            where = (name, container["name"])
+            assert sec.get("runAsNonRoot", pod_sec.get("runAsNonRoot")) is True, where
+            seccomp = sec.get("seccompProfile", pod_sec.get("seccompProfile", {}))
+            assert seccomp.get("type") == "RuntimeDefault", where
+            assert sec.get("allowPrivilegeEscalation") is False, where
+            assert sec.get("privileged") is not True, where
+            assert sec.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sec.get("capabilities", {}).get("add"), where
+
+
+def test_every_workload_is_isolated_by_network_policies(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    policies = dc.find(objs, "NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
+            and not p["spec"].get("egress")]  # fmt: skip
+    assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for workload in dc.workloads(objs):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        own = [
+            p["metadata"]["name"]
+            for p in policies
+            if p["spec"]["podSelector"]
+            and dc.label_selector_matches(p["spec"]["podSelector"], labels)
+        ]
+        assert own, f"no NetworkPolicy of its own selects {workload['metadata']['name']}"
+
+
+ALLOWED_PATHS = [
+    ("ingress-nginx", "gateway", 8000),
+    ("gateway", "nats", 4222),
+    ("presence", "nats", 4222),
+    ("archive", "nats", 4222),
+    ("rpc", "nats", 4222),
+    ("nats", "nats", 6222),
+    ("archive", "postgres", 5432),
+    ("gateway", "internet", 443),  # the OIDC provider's JWKS
+]
+DENIED_PATHS = [
+    ("gateway", "postgres", 5432),
+    ("presence", "postgres", 5432),
+    ("rpc", "postgres", 5432),
+    ("ingress-nginx", "nats", 4222),
+    ("ingress-nginx", "postgres", 5432),
+    ("elsewhere", "gateway", 8000),
+    ("elsewhere", "nats", 4222),
+    ("gateway", "nats", 6222),
+    ("gateway", "presence", 8081),
+    ("presence", "internet", 443),
+    ("archive", "internet", 443),
+    ("postgres", "internet", 443),
+    ("nats", "internet", 443),
+]
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "port", "allowed"),
+    [(*p, True) for p in ALLOWED_PATHS] + [(*p, False) for p in DENIED_PATHS],
+)
+def test_network_policies_allow_exactly_the_paths_the_system_uses(
+    rendered: tuple[str, list[dict[str, Any]]], src: str, dst: str, port: int, allowed: bool
+) -> None:
+    _, objs = rendered
+    outside = {
+        "ingress-nginx": dc.Endpoint(
+            "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"}, {"app": "x"}
+        ),
+        "elsewhere": dc.Endpoint("other", {"kubernetes.io/metadata.name": "other"}, {}),
+        "internet": None,
+    }
+    ends = [outside[n] if n in outside else _pod(objs, n) for n in (src, dst)]
+    policies = dc.find(objs, "NetworkPolicy")
+    assert dc.network_allows(policies, ends[0], ends[1], port) is allowed
+
+
+def _quantity(value: str | int) -> float:
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+def test_the_resource_quota_fits_every_autoscaler_at_its_maximum(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    (quota,) = dc.find(objs, "ResourceQuota")
+    hard = quota["spec"]["hard"]
+    most = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["maxReplicas"]
+            for h in dc.find(objs, "HorizontalPodAutoscaler")}  # fmt: skip
+    totals = {"pods": 0.0, "requests.cpu": 0.0, "requests.memory": 0.0,
+              "limits.cpu": 0.0, "limits.memory": 0.0}  # fmt: skip
+    for workload in dc.workloads(objs):
+        name = workload["metadata"]["name"]
+        replicas = most.get(name, workload["spec"].get("replicas", 1))
+        # A rolling update runs one pod more (maxSurge 1).
+        pods = replicas + 1
+        totals["pods"] += pods
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            res = container["resources"]
+            for kind in ("requests", "limits"):
+                for what in ("cpu", "memory"):
+                    totals[f"{kind}.{what}"] += pods * _quantity(res[kind][what])
+    for key, total in totals.items():
+        assert total <= _quantity(hard[key]), (key, total, hard[key])

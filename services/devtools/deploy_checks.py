@@ -490,3 +490,90 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv)
+
+
+# --- Kubernetes network policies -------------------------------------------------------
+
+
+def label_selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against labels."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod (namespace labels + pod labels), or an address outside the cluster (None)."""
+
+    namespace: str
+    namespace_labels: dict[str, str] = field(default_factory=dict, hash=False)
+    pod_labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+def _peer_matches(peer: dict[str, Any], policy_ns: str, other: Endpoint | None) -> bool:
+    if "ipBlock" in peer:
+        return other is None  # our ipBlocks are for addresses outside the cluster
+    if other is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not label_selector_matches(peer["namespaceSelector"], other.namespace_labels):
+            return False
+    elif other.namespace != policy_ns:
+        return False
+    return "podSelector" not in peer or label_selector_matches(
+        peer["podSelector"], other.pod_labels
+    )
+
+
+def _rule_allows(
+    rule: dict[str, Any], peers_key: str, policy_ns: str, other: Endpoint | None, port: int
+) -> bool:
+    ports = rule.get("ports")
+    if ports and not any(p.get("port") in (None, port) for p in ports):
+        return False
+    peers = rule.get(peers_key)
+    return not peers or any(_peer_matches(p, policy_ns, other) for p in peers)
+
+
+def network_allows(
+    policies: list[dict[str, Any]], src: Endpoint | None, dst: Endpoint | None, port: int
+) -> bool:
+    """Whether TCP `port` from src to dst passes the NetworkPolicies (both ends' policies
+    in their own namespaces; None is an address outside the cluster, never isolated)."""
+
+    def side(me: Endpoint | None, other: Endpoint | None, kind: str, key: str) -> bool:
+        if me is None:
+            return True
+        selecting = [
+            p
+            for p in policies
+            if p["metadata"].get("namespace", me.namespace) == me.namespace
+            and kind in p["spec"].get("policyTypes", ["Ingress"])
+            and label_selector_matches(p["spec"].get("podSelector") or {}, me.pod_labels)
+        ]
+        if not selecting:
+            return True  # not isolated
+        return any(
+            _rule_allows(rule, key, me.namespace, other, port)
+            for p in selecting
+            for rule in p["spec"].get(kind.lower()) or []
+        )
+
+    return side(src, dst, "Egress", "to") and side(dst, src, "Ingress", "from")
+
+
+def workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every object that runs pods."""
+    return [o for o in objs if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
