@@ -27,6 +27,14 @@ class CommonSettings(BaseSettings):
     nats_user: str = ""
     nats_password: str = ""
     nats_creds: str = ""  # path to a .creds file (JWT auth), instead of user/password
+    # NKey auth (Ed25519; the prod overlay and the TLS compose variant): path to this
+    # service's seed file, instead of user/password. The server knows only the public key.
+    nats_nkey_seed_file: str = ""
+    # TLS to NATS: the CA that signed the servers' certificates (the client verifies the
+    # server against it and refuses anything else), and optionally a client certificate.
+    nats_tls_ca_file: str = ""
+    nats_tls_cert_file: str = ""
+    nats_tls_key_file: str = ""
     log_level: str = "INFO"
     # How long SIGTERM waits for in-flight work before draining NATS anyway. Keep
     # Kubernetes' terminationGracePeriodSeconds above this.
@@ -58,8 +66,10 @@ class CommonSettings(BaseSettings):
 
     def check_production(self) -> None:
         """Raise ValueError for defaults that are fine on a laptop but unsafe in production."""
-        if not (self.nats_user or self.nats_creds):
-            raise ValueError("production needs NATS credentials (nats_user or nats_creds)")
+        if not (self.nats_user or self.nats_creds or self.nats_nkey_seed_file):
+            raise ValueError(
+                "production needs NATS credentials (nats_user, nats_creds or nats_nkey_seed_file)"
+            )
 
 
 DEV_SECRET = "dev-only-insecure-secret-change-me"

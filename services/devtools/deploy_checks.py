@@ -252,11 +252,28 @@ def _conf_list(items: list[str], indent: str) -> str:
     return f"[\n{inner}{indent}]"
 
 
-def render_accounts_conf() -> str:
+def render_accounts_conf(auth: str = "password") -> str:
+    """The accounts block: one user per service with its permissions. `auth` "password":
+    user + password from NATS_<USER>_PASSWORD (deploy/nats/accounts.conf, the default
+    dev and compose set-up); "nkey": an NKey whose public key comes from NATS_<USER>_NKEY
+    (deploy/nats/accounts-nkeys.conf: the prod overlay, the TLS compose variant). Same
+    permissions either way."""
+    from devtools.certs import nkey_env
+
+    def identity(user: str) -> list[str]:
+        if auth == "nkey":
+            return [f"nkey: ${nkey_env(user)}"]
+        return [f"user: {user}", f"password: ${password_env(user)}"]
+
+    def inline(user: str) -> str:
+        return "{" + ", ".join(identity(user)) + "}"
+
+    source = "NKey public keys" if auth == "nkey" else "Passwords"
+    generate = "accounts-nkeys" if auth == "nkey" else "accounts"
     lines = [
-        "# GENERATED from chatlib.names by `python -m devtools.deploy_checks accounts`;",
+        f"# GENERATED from chatlib.names by `python -m devtools.deploy_checks {generate}`;",
         "# do not edit by hand (a test fails when it is stale). One user per service, each",
-        "# allowed exactly the subjects it uses. Passwords come from environment variables.",
+        f"# allowed exactly the subjects it uses. {source} come from environment variables.",
         "accounts: {",
         f"  {NATS_ACCOUNT}: {{",
         "    jetstream: enabled",
@@ -264,10 +281,8 @@ def render_accounts_conf() -> str:
     ]
     ind = "          "
     for user, perms in nats_permissions().items():
+        lines += ["      {", *(f"        {item}" for item in identity(user))]
         lines += [
-            "      {",
-            f"        user: {user}",
-            f"        password: ${password_env(user)}",
             "        permissions: {",
             "          publish: {",
             f"            allow: {_conf_list(perms.publish_allow, ind + '  ')}",
@@ -284,11 +299,11 @@ def render_accounts_conf() -> str:
             lines.append("          allow_responses: true")
         lines += ["        }", "      }"]
     lines += [
-        f"      {{user: {NATS_ADMIN_USER}, password: ${password_env(NATS_ADMIN_USER)}}}",
+        f"      {inline(NATS_ADMIN_USER)}",
         "    ]",
         "  }",
         "  SYS: {",
-        f"    users: [{{user: {NATS_SYSTEM_USER}, password: ${password_env(NATS_SYSTEM_USER)}}}]",
+        f"    users: [{inline(NATS_SYSTEM_USER)}]",
         "  }",
         "}",
         "system_account: SYS",
@@ -485,7 +500,10 @@ def main(argv: list[str]) -> None:
     if argv[1:] == ["accounts"]:
         sys.stdout.write(render_accounts_conf())
         return
-    raise SystemExit("usage: python -m devtools.deploy_checks accounts")
+    if argv[1:] == ["accounts-nkeys"]:
+        sys.stdout.write(render_accounts_conf("nkey"))
+        return
+    raise SystemExit("usage: python -m devtools.deploy_checks accounts|accounts-nkeys")
 
 
 if __name__ == "__main__":
