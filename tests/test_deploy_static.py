@@ -219,7 +219,7 @@ def test_k8s_environment_sets_only_real_settings_and_every_required_one(
         env = dc.k8s_container_env(objs, container)
         where = f"{overlay}: {workload['metadata']['name']}"
         assert not set(env) - dc.setting_env_names(svc), where
-        assert not dc.required_env_names(svc) - set(env), where
+        assert not dc.required_env_names(svc, env) - set(env), where
         dc.build_settings(svc, env)  # production validation passes
     assert seen == set(dc.SERVICES)
 
@@ -333,10 +333,19 @@ def test_pods_are_locked_down_with_resources_and_grace_above_the_drain(
 
 
 def test_nats_accounts_config_is_generated_from_the_subject_names() -> None:
-    expected = dc.render_accounts_conf()
-    for path in (ROOT / "deploy/nats/accounts.conf", ROOT / "k8s/base/nats/accounts.conf"):
-        assert path.read_text() == expected, (
-            f"{path} is stale: python -m devtools.deploy_checks accounts > {path}"
+    expected = {
+        "accounts": dc.render_accounts_conf(),
+        "accounts-nkeys": dc.render_accounts_conf("nkey"),
+    }
+    files = {
+        "deploy/nats/accounts.conf": "accounts",
+        "k8s/base/nats/accounts.conf": "accounts",
+        "deploy/nats/accounts-nkeys.conf": "accounts-nkeys",
+        "k8s/overlays/prod/accounts-nkeys.conf": "accounts-nkeys",
+    }
+    for path, kind in files.items():
+        assert (ROOT / path).read_text() == expected[kind], (
+            f"{path} is stale: python -m devtools.deploy_checks {kind} > {path}"
         )
 
 
@@ -347,18 +356,38 @@ def nats_password_env() -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "conf",
-    ["deploy/nats/nats.conf", "k8s/base/nats/nats.conf", "k8s/overlays/prod/nats.conf"],
+    [
+        "deploy/nats/nats.conf",
+        "deploy/nats/nats-tls.conf",
+        "k8s/base/nats/nats.conf",
+        "k8s/overlays/prod/nats.conf",
+    ],
 )
-def test_every_nats_config_parses_with_passwords_from_the_environment(
+def test_every_nats_config_parses_with_credentials_from_the_environment(
     conf: str, tmp_path: Path
 ) -> None:
+    from devtools import certs
     from devtools.servers import nats_server_binary
 
     folder = tmp_path / "etc"
     folder.mkdir()
-    (folder / "nats.conf").write_text((ROOT / conf).read_text())
+    text = (ROOT / conf).read_text()
     (folder / "accounts.conf").write_text((ROOT / "deploy/nats/accounts.conf").read_text())
+    (folder / "accounts-nkeys.conf").write_text(dc.render_accounts_conf("nkey"))
     env = {**os.environ, **nats_password_env(), "POD_NAME": "nats-0"}
+    uses_nkeys = "accounts-nkeys.conf" in text
+    if uses_nkeys:
+        # The certificates it names (cert-manager's file names in k8s, make certs' in
+        # compose) and the public NKeys from the environment.
+        tls = tmp_path / "tls"
+        certs.make_all(tls)
+        for name in ("tls", "nats"):
+            (tls / f"{name}.crt").write_bytes((tls / "nats.crt").read_bytes())
+            (tls / f"{name}.key").write_bytes((tls / "nats.key").read_bytes())
+        text = text.replace("/etc/nats-tls", str(tls)).replace("/etc/nats/tls", str(tls))
+        assert "tls {" in text
+        env.update(line.split("=", 1) for line in (tls / "nkeys.env").read_text().splitlines())
+    (folder / "nats.conf").write_text(text)
     done = subprocess.run(
         [nats_server_binary(), "-c", str(folder / "nats.conf"), "-t"],
         env=env,
@@ -366,8 +395,8 @@ def test_every_nats_config_parses_with_passwords_from_the_environment(
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    # Without a password in the environment the server refuses to start.
-    env.pop(dc.password_env("gateway"))
+    # Without a credential in the environment the server refuses to start.
+    env.pop(certs.nkey_env("gateway") if uses_nkeys else dc.password_env("gateway"))
     done = subprocess.run(
         [nats_server_binary(), "-c", str(folder / "nats.conf"), "-t"],
         env=env,
@@ -520,3 +549,52 @@ def test_the_resource_quota_fits_every_autoscaler_at_its_maximum(
                     totals[f"{kind}.{what}"] += pods * _quantity(res[kind][what])
     for key, total in totals.items():
         assert total <= _quantity(hard[key]), (key, total, hard[key])
+
+
+def test_prod_speaks_tls_with_verified_peers_and_nkeys_everywhere() -> None:
+    import fnmatch
+    import urllib.parse
+
+    objs = render("prod")
+    certificates = {c["spec"]["secretName"]: c["spec"] for c in dc.find(objs, "Certificate")}
+    nats_names = certificates["nats-tls"]["dnsNames"]
+    for svc, workload, container in dc.k8s_service_containers(objs):
+        env = dc.k8s_container_env(objs, container)
+        prefix = dc.env_prefix(svc)
+        name = workload["metadata"]["name"]
+        assert f"{prefix}NATS_PASSWORD" not in env, name
+        assert env[f"{prefix}NATS_NKEY_SEED"].startswith("SU"), name  # a user NKey seed
+        ca = env[f"{prefix}NATS_TLS_CA_FILE"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = next(
+            v for v in workload["spec"]["template"]["spec"]["volumes"]
+            if v["name"] == mounts[str(Path(ca).parent)]
+        )  # fmt: skip
+        # Only ca.crt of the NATS certificate's Secret: never its private key.
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": Path(ca).name}], name
+        # Each server the service dials is named in the NATS certificate (verify-full).
+        for url in env[f"{prefix}NATS_SERVERS"].split(","):
+            host = urllib.parse.urlsplit(url).hostname or ""
+            assert any(fnmatch.fnmatch(host, pattern) for pattern in nats_names), host
+        settings = dc.build_settings(svc, env)
+        if svc in ("gateway", "rpc"):  # the doors users come in by: no guests in prod
+            assert settings.auth_mode == "oidc", svc  # type: ignore[attr-defined]
+        if svc == "archive":
+            url = urllib.parse.urlsplit(env["ARCHIVE_DATABASE_URL"])
+            query = urllib.parse.parse_qs(url.query)
+            assert query["sslmode"] == ["verify-full"] and query["sslrootcert"] == [ca]
+            assert any(fnmatch.fnmatch(url.hostname or "", n)
+                       for n in certificates["postgres-tls"]["dnsNames"])  # fmt: skip
+    (nats,) = dc.find(objs, "StatefulSet", "nats")
+    nats_container = nats["spec"]["template"]["spec"]["containers"][0]
+    assert not [e for e in nats_container["env"] if e["name"].endswith("_PASSWORD")]
+    conf = dc.find(objs, "ConfigMap", "nats-config")[0]["data"]["nats.conf"]
+    assert conf.count("tls {") == 2 and "verify: true" in conf  # clients and routes
+    assert "include ./accounts-nkeys.conf" in conf
+    (postgres,) = dc.find(objs, "StatefulSet", "postgres")
+    args = postgres["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "ssl=on" in args
+    hba = dc.find(objs, "ConfigMap", "postgres-hba")[0]["data"]["pg_hba.conf"]
+    network = [line.split()[0] for line in hba.splitlines() if line and not line.startswith("#")
+               and "127.0.0.1" not in line and not line.startswith("local")]  # fmt: skip
+    assert network == ["hostssl"]

@@ -100,7 +100,9 @@ def security_options(settings: CommonSettings) -> dict[str, object]:
     file the connection is TLS and the server's certificate must chain to that CA and
     name the host we dial (no fallback to plaintext)."""
     options: dict[str, object] = {}
-    if settings.nats_nkey_seed_file:
+    if settings.nats_nkey_seed:
+        options["nkeys_seed_str"] = settings.nats_nkey_seed
+    elif settings.nats_nkey_seed_file:
         options["nkeys_seed"] = settings.nats_nkey_seed_file
     elif settings.nats_creds:
         options["user_credentials"] = settings.nats_creds

@@ -30,6 +30,7 @@ class CommonSettings(BaseSettings):
     # NKey auth (Ed25519; the prod overlay and the TLS compose variant): path to this
     # service's seed file, instead of user/password. The server knows only the public key.
     nats_nkey_seed_file: str = ""
+    nats_nkey_seed: str = ""  # the seed itself (e.g. from a Kubernetes Secret), instead
     # TLS to NATS: the CA that signed the servers' certificates (the client verifies the
     # server against it and refuses anything else), and optionally a client certificate.
     nats_tls_ca_file: str = ""
@@ -66,7 +67,9 @@ class CommonSettings(BaseSettings):
 
     def check_production(self) -> None:
         """Raise ValueError for defaults that are fine on a laptop but unsafe in production."""
-        if not (self.nats_user or self.nats_creds or self.nats_nkey_seed_file):
+        if not (
+            self.nats_user or self.nats_creds or self.nats_nkey_seed_file or self.nats_nkey_seed
+        ):
             raise ValueError(
                 "production needs NATS credentials (nats_user, nats_creds or nats_nkey_seed_file)"
             )

@@ -174,10 +174,28 @@ def make_all(out: Path) -> None:
     make_nkeys(out)
 
 
+def nkeys_secret_env() -> str:
+    """Fresh NKeys as lines for a Kubernetes secrets.env: NATS_<USER>_NKEY (public, for
+    the NATS server) and NATS_<SERVICE>_NKEY_SEED (secret, for the service)."""
+    lines = []
+    for user in NKEY_USERS:
+        seed, public = new_nkey()
+        lines.append(f"{nkey_env(user)}={public}")
+        if user not in ("admin", "sys"):
+            lines.append(f"{nkey_env(user)}_SEED={seed.decode()}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".data" / "tls")
+    parser.add_argument(
+        "--nkeys-env", action="store_true", help="print fresh NKeys for a k8s secrets.env"
+    )
     args = parser.parse_args()
+    if args.nkeys_env:
+        print(nkeys_secret_env(), end="")
+        return
     make_all(args.out)
     print(f"wrote the CA, NATS and Postgres certificates and NKeys to {args.out}")
 

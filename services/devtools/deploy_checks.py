@@ -72,7 +72,11 @@ def setting_env_names(service: str) -> set[str]:
 
 # What a deployment must set for the service to work outside a laptop: where NATS is and
 # who we are on it, production mode, plus each service's own must-haves.
-REQUIRED_COMMON = ("environment", "nats_servers", "nats_user", "nats_password")
+REQUIRED_COMMON = ("environment", "nats_servers")
+# Who the service is on NATS: a user and password (dev, compose), or an NKey seed with the
+# CA that verifies the servers (prod: NKeys over TLS).
+NATS_IDENTITY_PASSWORD = ("nats_user", "nats_password")
+NATS_IDENTITY_NKEY = ("nats_nkey_seed", "nats_tls_ca_file")
 REQUIRED_EXTRA = {
     "gateway": ("allowed_origins",),
     "presence": (),
@@ -81,9 +85,12 @@ REQUIRED_EXTRA = {
 }
 
 
-def required_env_names(service: str) -> set[str]:
+def required_env_names(service: str, env: dict[str, str] | None = None) -> set[str]:
+    """What `env` must set; its NATS identity is an NKey when it sets a seed."""
     prefix = env_prefix(service)
-    fields = (*REQUIRED_COMMON, *REQUIRED_EXTRA[service])
+    nkey = f"{prefix}NATS_NKEY_SEED".upper() in (env or {})
+    identity = NATS_IDENTITY_NKEY if nkey else NATS_IDENTITY_PASSWORD
+    fields = (*REQUIRED_COMMON, *identity, *REQUIRED_EXTRA[service])
     return {f"{prefix}{name}".upper() for name in fields}
 
 
