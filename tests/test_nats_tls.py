@@ -23,6 +23,8 @@ from gateway.settings import GatewaySettings
 
 from tests.gateway_fixtures import ChatClient, GatewayProc
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def tls_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
@@ -157,3 +159,94 @@ async def test_the_gateway_serves_chat_over_tls_with_its_nkey(
         await alice.close()
     finally:
         proc.terminate(timeout=10)
+
+
+def cluster_node(base: Path, tls: Path, name: str, route_port: int, peers: list[int]) -> NatsServer:
+    """One server of a TLS cluster: client TLS as deploy/nats/nats-tls.conf, routes with
+    mutual TLS as k8s/overlays/prod/nats.conf."""
+    prod = (ROOT / "k8s/overlays/prod/nats.conf").read_text()
+    route_tls = prod.split("cluster {", 1)[1].split("tls {", 1)[1].split("}", 1)[0]
+    routes = "\n".join(f"    nats://127.0.0.1:{p}" for p in peers)
+    accounts = (ROOT / "deploy/nats/accounts-nkeys.conf").read_text()
+    (base / name).mkdir(parents=True, exist_ok=True)
+    (base / name / "accounts-nkeys.conf").write_text(accounts)
+    config = f"""
+server_name: {name}
+tls {{
+  cert_file: {tls}/nats.crt
+  key_file: {tls}/nats.key
+  ca_file: {tls}/ca.crt
+}}
+cluster {{
+  name: chat-test
+  port: {route_port}
+  routes: [
+{routes}
+  ]
+  tls {{{route_tls.replace("/etc/nats-tls/tls.", f"{tls}/nats.").replace("/etc/nats-tls/", f"{tls}/")}}}
+}}
+include ./accounts-nkeys.conf
+"""
+    env = dict(line.split("=", 1) for line in (tls / "nkeys.env").read_text().splitlines())
+    return NatsServer(base / name, config=config, env=env)
+
+
+def routed_to(server: NatsServer) -> set[str]:
+    """The servers `server` has routes to (routes are pooled: several per peer)."""
+    import json
+    import urllib.request
+
+    url = f"http://127.0.0.1:{server.monitor_port}/routez"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return {r.get("remote_name", "") for r in json.load(resp).get("routes") or []}
+
+
+async def test_cluster_routes_are_mutual_tls_and_refuse_a_server_from_another_ca(
+    tmp_path: Path,
+) -> None:
+    from tests.waiting import wait_until
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    certs.make_all(ours)
+    certs.make_all(theirs)
+    # Same NKeys on the impostor, so only its certificate differs.
+    (theirs / "nkeys.env").write_text((ours / "nkeys.env").read_text())
+    p1, p2, p3 = free_port(), free_port(), free_port()
+    nodes = [
+        cluster_node(tmp_path, ours, "n1", p1, [p2]),
+        cluster_node(tmp_path, ours, "n2", p2, [p1]),
+    ]
+    impostor = cluster_node(tmp_path, theirs, "n3", p3, [p1, p2])
+    started: list[NatsServer] = []
+    try:
+        for node in nodes:
+            started.append(node)
+            await asyncio.to_thread(_start_without_jetstream_wait, node)
+        await wait_until(
+            lambda: routed_to(nodes[0]) == {"n2"} and routed_to(nodes[1]) == {"n1"},
+            "n1 and n2 routed over mutual TLS",
+            timeout=20,
+        )
+        started.append(impostor)
+        await asyncio.to_thread(_start_without_jetstream_wait, impostor)
+
+        def refused_route() -> bool:
+            return "TLS route handshake error" in impostor.log_file.read_text()
+
+        await wait_until(refused_route, "the impostor's routes refused", timeout=20)
+        assert routed_to(impostor) == set()
+        assert routed_to(nodes[0]) == {"n2"} and routed_to(nodes[1]) == {"n1"}
+    finally:
+        for node in started:
+            node.stop()
+
+
+def _start_without_jetstream_wait(server: NatsServer) -> None:
+    """Start a cluster node: JetStream waits for a quorum, so wait only for the ports."""
+    server.extra_args = []
+    original = server._wait_jetstream  # noqa: SLF001
+    server._wait_jetstream = lambda timeout=20.0: None  # type: ignore[method-assign]  # noqa: SLF001
+    try:
+        server.start()
+    finally:
+        server._wait_jetstream = original  # type: ignore[method-assign]  # noqa: SLF001

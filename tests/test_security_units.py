@@ -54,3 +54,18 @@ def test_hsts_only_behind_tls() -> None:
     for headers in (plain, secure):
         assert headers[b"x-content-type-options"] == b"nosniff"
         assert headers[b"referrer-policy"] == b"no-referrer"
+
+
+def test_every_test_the_threat_model_names_exists() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme.split("### Threat model", 1)[1].split("\n\n", 2)[1]
+    named = set(re.findall(r"::(test_[a-z0-9_]+)|(?<![:\w])(test_[a-z0-9_]+)`", table))
+    names = {a or b for a, b in named}
+    assert len(names) >= 12
+    sources = "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    missing = sorted(n for n in names if f"def {n}(" not in sources)
+    assert not missing, f"the threat model names tests that do not exist: {missing}"
