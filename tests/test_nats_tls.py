@@ -166,6 +166,8 @@ def cluster_node(base: Path, tls: Path, name: str, route_port: int, peers: list[
     mutual TLS as k8s/overlays/prod/nats.conf."""
     prod = (ROOT / "k8s/overlays/prod/nats.conf").read_text()
     route_tls = prod.split("cluster {", 1)[1].split("tls {", 1)[1].split("}", 1)[0]
+    route_tls = route_tls.replace("/etc/nats-tls/tls.", f"{tls}/nats.")
+    route_tls = route_tls.replace("/etc/nats-tls/", f"{tls}/")
     routes = "\n".join(f"    nats://127.0.0.1:{p}" for p in peers)
     accounts = (ROOT / "deploy/nats/accounts-nkeys.conf").read_text()
     (base / name).mkdir(parents=True, exist_ok=True)
@@ -183,7 +185,7 @@ cluster {{
   routes: [
 {routes}
   ]
-  tls {{{route_tls.replace("/etc/nats-tls/tls.", f"{tls}/nats.").replace("/etc/nats-tls/", f"{tls}/")}}}
+  tls {{{route_tls}}}
 }}
 include ./accounts-nkeys.conf
 """
@@ -244,9 +246,9 @@ async def test_cluster_routes_are_mutual_tls_and_refuse_a_server_from_another_ca
 def _start_without_jetstream_wait(server: NatsServer) -> None:
     """Start a cluster node: JetStream waits for a quorum, so wait only for the ports."""
     server.extra_args = []
-    original = server._wait_jetstream  # noqa: SLF001
-    server._wait_jetstream = lambda timeout=20.0: None  # type: ignore[method-assign]  # noqa: SLF001
+    original = server._wait_jetstream
+    server._wait_jetstream = lambda timeout=20.0: None  # type: ignore[method-assign]
     try:
         server.start()
     finally:
-        server._wait_jetstream = original  # type: ignore[method-assign]  # noqa: SLF001
+        server._wait_jetstream = original  # type: ignore[method-assign]
