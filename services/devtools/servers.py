@@ -216,9 +216,13 @@ class NatsServer:
 class PostgresServer:
     """A Postgres cluster in `data_dir`, from the pgserver wheel's binaries or PATH."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, options: list[str] | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        # More `-c name=value` settings (e.g. ssl=on and its files, hba_file).
+        self.options = options or []
         self.socket_dir = self.data_dir.parent / f"{self.data_dir.name}-sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.bin_dir = _postgres_bin_dir()
@@ -268,6 +272,7 @@ class PostgresServer:
                 "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.socket_dir),
                 "-c", "max_connections=200", "-c", "shared_buffers=128MB",
                 "-c", "fsync=on", "-c", "synchronous_commit=on",
+                *(arg for option in self.options for arg in ("-c", option)),
             ),
             stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # shielded from a terminal's Ctrl-C, as NATS above
