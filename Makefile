@@ -30,7 +30,7 @@ test: $(STAMP) ## Run the test suite against real NATS and Postgres
 	fi; exit $$rc
 
 certs: $(STAMP) ## A local CA, NATS/Postgres certificates and NATS NKeys in .data/tls (TLS compose variant)
-	PYTHONPATH=services $(BIN)/python -m devtools.certs --out .data/tls
+	PYTHONPATH=services $(BIN)/python -m devtools.certs --out .data/tls --for-containers
 
 test-containers: $(STAMP) ## Build the image and run docker-compose.yml for real with podman (root)
 	$(BIN)/python -m devtools.containers

@@ -598,3 +598,37 @@ def test_prod_speaks_tls_with_verified_peers_and_nkeys_everywhere() -> None:
     network = [line.split()[0] for line in hba.splitlines() if line and not line.startswith("#")
                and "127.0.0.1" not in line and not line.startswith("local")]  # fmt: skip
     assert network == ["hostssl"]
+
+
+def test_the_tls_compose_variant_gives_every_service_an_nkey_and_the_ca(tmp_path: Path) -> None:
+    """docker-compose.tls.yml over docker-compose.yml: the merged environment of each
+    service is valid production settings with an NKey seed and the CA, every file it
+    mounts from .data/tls is one `make certs` writes, and the archive verifies Postgres."""
+    from devtools import certs
+
+    env_example = dc.parse_env_file(ROOT / ".env.example")
+    tls_compose = yaml.safe_load(
+        dc.interpolate((ROOT / "docker-compose.tls.yml").read_text(), env_example)
+    )
+    base = compose_with_example_env()
+    certs.make_all(tmp_path / "tls")
+    written = {str(p.relative_to(tmp_path / "tls")) for p in (tmp_path / "tls").rglob("*")}
+    for name, definition in tls_compose["services"].items():
+        for volume in definition.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./.data/tls"):
+                rel = source.removeprefix("./.data/tls").lstrip("/")
+                assert not rel or rel in written, (name, source)
+            else:
+                assert (ROOT / source).exists(), (name, source)
+    for name, (svc, definition) in dc.compose_services(base).items():
+        env = {**dc.compose_env(definition), **dc.compose_env(tls_compose["services"][name])}
+        prefix = dc.env_prefix(svc)
+        assert env[f"{prefix}NATS_NKEY_SEED_FILE"] == "/run/natschat/nkey", name
+        assert env[f"{prefix}NATS_TLS_CA_FILE"] == "/run/natschat/ca.crt", name
+        assert not set(env) - dc.setting_env_names(svc), name
+        dc.build_settings(svc, env)
+        if svc == "archive":
+            assert "sslmode=verify-full" in env["ARCHIVE_DATABASE_URL"]
+    nats = tls_compose["services"]["nats"]
+    assert "./deploy/nats/nats-tls.conf:/etc/nats/nats.conf:ro" in nats["volumes"]

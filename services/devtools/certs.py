@@ -37,6 +37,10 @@ NATS_NAMES = ["nats", "nats-headless", "*.nats-headless", "*.nats-headless.chat.
               "nats.chat.svc", "localhost", "127.0.0.1"]  # fmt: skip
 POSTGRES_NAMES = ["postgres", "postgres.chat.svc", "localhost", "127.0.0.1"]
 VALID_DAYS = 365
+# Who reads the keys in the containers (docker-compose.tls.yml): the image's user
+# (deploy/Dockerfile) reads the services' NKey seeds, the postgres image's user its key.
+SERVICE_UID = 10001
+POSTGRES_UID = 70
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -174,6 +178,16 @@ def make_all(out: Path) -> None:
     make_nkeys(out)
 
 
+def give_to_containers(out: Path) -> None:
+    """As root: each secret to the container user that reads it (mode 0600 stays)."""
+    if os.geteuid() != 0:
+        print("not root: chown the keys yourself for the containers (see docker-compose.tls.yml)")
+        return
+    os.chown(out / "postgres.key", POSTGRES_UID, POSTGRES_UID)
+    for service in ("gateway", "presence", "archive", "rpc"):
+        os.chown(out / "nkeys" / f"{service}.nk", SERVICE_UID, SERVICE_UID)
+
+
 def nkeys_secret_env() -> str:
     """Fresh NKeys as lines for a Kubernetes secrets.env: NATS_<USER>_NKEY (public, for
     the NATS server) and NATS_<SERVICE>_NKEY_SEED (secret, for the service)."""
@@ -192,11 +206,16 @@ def main() -> None:
     parser.add_argument(
         "--nkeys-env", action="store_true", help="print fresh NKeys for a k8s secrets.env"
     )
+    parser.add_argument(
+        "--for-containers", action="store_true", help="chown the keys to the containers' users"
+    )
     args = parser.parse_args()
     if args.nkeys_env:
         print(nkeys_secret_env(), end="")
         return
     make_all(args.out)
+    if args.for_containers:
+        give_to_containers(args.out)
     print(f"wrote the CA, NATS and Postgres certificates and NKeys to {args.out}")
 
 
