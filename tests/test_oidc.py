@@ -20,7 +20,7 @@ from tests.gateway_fixtures import ChatClient, GatewayProc, http_json, start_gat
 from tests.oidc_fixtures import CLIENT_ID, OidcProvider, run_provider
 
 # Short-lived ID tokens, so that expiry and refresh happen within a test.
-ID_TOKEN_TTL = 6
+ID_TOKEN_TTL = 8
 
 
 @pytest.fixture
@@ -97,6 +97,15 @@ async def test_tokens_the_provider_did_not_sign_for_us_are_refused(
     assert "valid name" in error["message"]
 
 
+async def keep_fresh(provider: OidcProvider, client: ChatClient, tokens: Any) -> None:
+    """What the page does: refresh well before expiry and send the new ID token on the
+    open socket (`auth`), until cancelled."""
+    while True:
+        await asyncio.sleep(ID_TOKEN_TTL / 4)  # pacing the renewals, as a client would
+        tokens = await asyncio.to_thread(provider.refresh, tokens)
+        await client.send({"type": "auth", "token": tokens.id_token})
+
+
 async def test_signing_key_rotation_keeps_existing_and_new_sessions_working(
     oidc_gateways: list[GatewayProc], provider: OidcProvider
 ) -> None:
@@ -115,6 +124,7 @@ async def test_signing_key_rotation_keeps_existing_and_new_sessions_working(
     rex_tokens = await sign_in(provider, "rex")
     assert jwt.get_unverified_header(rex_tokens.id_token)["kid"] == kids[0]
     rex = await ChatClient.connect(gw_b, "rex", token=rex_tokens.id_token)
+    renewing = [asyncio.create_task(keep_fresh(provider, rex, rex_tokens))]
     # A token signed before the rotation still verifies (the old key is still published).
     quinn = await ChatClient.connect(gw_b, "quinn", token=quinn_tokens.id_token)
 
@@ -125,6 +135,7 @@ async def test_signing_key_rotation_keeps_existing_and_new_sessions_working(
     await pia.send({"type": "auth", "token": fresh.id_token})
     confirmed = await pia.expect(type="auth")
     assert confirmed["user"] == "pia" and confirmed["expires_at"] > time.time() * 1000
+    renewing.append(asyncio.create_task(keep_fresh(provider, pia, fresh)))
 
     # quinn does not renew: told, then closed with 4401 when his token expires.
     expired = await quinn.expect(type="error", code="unauthorized", timeout=ID_TOKEN_TTL + 5)
@@ -140,5 +151,8 @@ async def test_signing_key_rotation_keeps_existing_and_new_sessions_working(
     # A renewal with someone else's token is refused and changes nothing.
     await pia.send({"type": "auth", "token": rex_tokens.id_token})
     await pia.expect(type="error", code="unauthorized", ref="auth")
+    assert pia.close_code is None and rex.close_code is None
+    for task in renewing:
+        task.cancel()
     for client in (pia, rex):
         await client.close()

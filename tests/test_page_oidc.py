@@ -23,7 +23,7 @@ pytestmark = pytest.mark.browser
 
 WAIT_MS = 15_000
 # Short-lived ID tokens: the page refreshes at 70 % of the lifetime, so within a test.
-ID_TOKEN_TTL = 8
+ID_TOKEN_TTL = 12
 # Counts the WebSockets the page opens: a refresh must not open a new one.
 INIT_SCRIPT = """
 (() => {
