@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from devtools.servers import PostgresServer
 from websockets.asyncio.client import ClientConnection, connect
@@ -50,7 +51,8 @@ async def run(
         gateways=2,
         archives=1,
         presences=1,
-        extra_env={"gateway": gateway_env},
+        rpcs=1,
+        extra_env={"gateway": gateway_env, "rpc": {"RPC_GUEST_HOLD": str(GUEST_HOLD)}},
     ) as running:
         yield running
 
@@ -311,10 +313,32 @@ async def test_a_guest_name_is_free_again_after_its_holder_left_and_their_token_
 
     second = await wait_until(free, "jack free again", timeout=GUEST_HOLD * 4)
     other = await join(run.ws_url(1), "jack", token=second["token"])
-    # The first jack's token (still unexpired) no longer makes him jack.
+    # The first jack's token (still unexpired) no longer makes him jack: not on a socket,
+    # not through the gRPC door either.
     frame, code = await refused_hello(run.ws_url(0), first["token"])
     assert (frame["type"], frame["code"], code) == ("error", "name_taken", 4401)
+    status, details = await grpc_send(run, first["token"], "lobby", "i am jack")
+    assert status == grpc.StatusCode.UNAUTHENTICATED and "name_taken" in details
+    # The new jack's token works there.
+    status, _ = await grpc_send(run, second["token"], "lobby", "the real jack")
+    assert status == grpc.StatusCode.OK
     await other.ws.close()
+
+
+async def grpc_send(run: SystemRun, token: str, room: str, content: str) -> tuple[Any, str]:
+    """SendMessage through the rpc service with `token`: (status code, details)."""
+    from tests.reference_protobuf import official
+
+    ref = official()
+    async with grpc.aio.insecure_channel(run.system.grpc_addresses()[0]) as channel:
+        request = ref.ChatMessage(room=room, content=content, client_id=f"g-{time.time()}")
+        try:
+            await ref.ChatServiceStub(channel).SendMessage(
+                request, metadata=[("authorization", f"Bearer {token}")], timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
 
 
 async def test_guest_tokens_without_a_reservation_are_refused(run: SystemRun) -> None:

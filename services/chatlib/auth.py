@@ -4,7 +4,7 @@ Either way the result is one validated user name: the sender of everything the c
 does (a gateway socket, a gRPC call). One implementation for every door into the system.
 
 Three modes (settings.auth_mode):
-- guest: the gateway signs a token for a name it has reserved (see gateway.guest_names);
+- guest: the gateway signs a token for a name it has reserved (see chatlib.guest_names);
   the token's `jti` names that reservation, so the token is only good while it holds it.
 - jwt: a static key (HS256 secret or RS256 public key) from the operator.
 - oidc: an OpenID Connect provider; its signing keys come from its JWKS (found through

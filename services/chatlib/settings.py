@@ -93,6 +93,9 @@ class ClientSettings(CommonSettings):
     # Guest mode lets anyone pick any free name: production refuses it unless this says
     # the operator means it.
     guest_in_production: bool = False
+    # A guest name stays reserved for its holder while any of their sockets is open, and
+    # this many seconds after the last one closes (chatlib.guest_names). Same everywhere.
+    guest_hold: float = Field(default=60.0, gt=0)
     # OIDC: the issuer (discovery at <issuer>/.well-known/openid-configuration), the
     # page's client id (also the expected audience unless oidc_audience says otherwise),
     # and the claim that holds the user name (validated against our name rule).

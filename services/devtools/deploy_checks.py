@@ -241,6 +241,7 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_ROOM,  # GetHistory
                 names.HISTORY_DM,
                 names.PRESENCE_WHO,  # ListOnline
+                kv_subject(names.KV_GUEST_NAMES),  # guest tokens' name reservations
                 *jetstream,
             ],
             publish_deny=jetstream_denies("rpc"),

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from chatlib import health, lifecycle, names, nats_wiring, validate
 from chatlib.auth import Authenticator, AuthError, Identity, new_holder
+from chatlib.guest_names import GuestNames, NameTaken, ensure_bucket
 from chatlib.logs import setup_logging
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -31,7 +32,6 @@ from gateway.auth import content_security_policy, origin_allowed, security_heade
 from gateway.batching import SharedRead
 from gateway.fanout import Hub
 from gateway.frames import FrameError
-from gateway.guest_names import GuestNames, NameTaken, ensure_bucket
 from gateway.presence import PresenceLink
 from gateway.session import Session
 from gateway.settings import GatewaySettings

@@ -5,7 +5,9 @@ In guest mode anyone may pick a name, so a name is *held*: the first person to a
 else asking for `alice` gets `name_taken` while the reservation lives.
 
 The reservations live in a JetStream KV bucket shared by every gateway (key: the name,
-value: the holder). The bucket's max age is the hold time (settings.guest_hold): a
+value: the holder). The gateways take and refresh them; the rpc service checks them
+on every call made with a guest token (and takes a lapsed one back while it is free).
+The bucket's max age is the hold time (settings.guest_hold): a
 reservation lapses unless refreshed. Every gateway refreshes, every guest_hold/3
 seconds, the reservations of the guests connected to it. So a name is held while any
 session of its holder is alive anywhere, and for guest_hold seconds after the last one
@@ -22,10 +24,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from chatlib import names
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from chatlib import names
 
 log = logging.getLogger(__name__)
 
