@@ -110,7 +110,7 @@ class ClientSettings(CommonSettings):
     # The key set is cached this long; an unknown kid refetches it at most once per
     # cooldown (rotation is picked up, forged kids cannot make us hammer the provider).
     oidc_jwks_lifespan: float = Field(default=300.0, gt=0)
-    oidc_jwks_cooldown: float = Field(default=30.0, ge=0)
+    oidc_jwks_cooldown: float = Field(default=5.0, ge=0)
     jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
     jwt_secret: str = ""  # HS256
     jwt_public_key: str = ""  # RS256, PEM

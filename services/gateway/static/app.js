@@ -21,6 +21,7 @@ const COUNTER_FROM = 0.8; // show the size counter from 80 % of the content limi
 const LONG_MESSAGE_CHARS = 700;
 const LONG_MESSAGE_LINES = 12;
 const DAY_MS = 24 * 60 * 60 * 1000;
+const AUTH_RETRY_MS = 10000; // a refused `auth` renewal is offered again after this
 
 const $ = (id) => document.getElementById(id);
 
@@ -858,6 +859,16 @@ function onError(f) {
       updatePendingNode(f.ref);
       dropFromOutbox(f.ref);
     }
+    return;
+  }
+  if (f.ref === "auth") {
+    // A fresh token refused (e.g. signed with a key the gateway has not fetched yet):
+    // offer it again shortly; the socket stays up until the current token expires.
+    setTimeout(() => {
+      if (state.ws && state.ws.readyState === WebSocket.OPEN && state.token) {
+        state.ws.send(JSON.stringify({ type: "auth", token: state.token }));
+      }
+    }, AUTH_RETRY_MS);
     return;
   }
   if (f.code === "unauthorized" || f.code === "name_taken") {
