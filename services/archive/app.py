@@ -23,6 +23,7 @@ from nats.micro.service import Service as MicroService
 
 from archive import handlers, metrics, migrations
 from archive.settings import ArchiveSettings
+from archive.userstate_service import UserStateService
 from archive.worker import ArchiveWorker, backoff
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ArchiveService:
         self._main: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._advisories: Subscription | None = None
+        self.userstate: UserStateService | None = None
+        self._userstate_task: asyncio.Task[None] | None = None
 
     # --- lifecycle (chatlib.lifecycle.Service) ----------------------------------------
 
@@ -69,6 +72,8 @@ class ArchiveService:
             name="room", subject=names.HISTORY_ROOM, handler=self._history_room
         )
         await self.micro.add_endpoint(name="dm", subject=names.HISTORY_DM, handler=self._history_dm)
+        self.userstate = UserStateService(nc, js, self.settings)
+        await self.userstate.start_service()
         # Connecting to Postgres may take a while (it may be down): do it in the background
         # so a SIGTERM meanwhile is still handled promptly.
         # One replica (queue group) handles each max-deliveries advisory.
@@ -91,6 +96,8 @@ class ArchiveService:
             self.worker.stop()
         if self.micro:
             await self.micro.stop()
+        if self.userstate:
+            await self.userstate.stop()
         if self._advisories:
             await self._advisories.unsubscribe()
         if self._monitor:
@@ -105,6 +112,9 @@ class ArchiveService:
             self._main.cancel()
         # wait, not await: a task that died has been logged already (chatlib.tasks).
         await asyncio.wait({self._main})
+        if self._userstate_task is not None:
+            # Its batch in hand is applied and acked before it returns.
+            await asyncio.wait({self._userstate_task}, timeout=self.settings.drain_timeout)
         # The pull subscription may hold a late reply to its last fetch that nobody will
         # read; NATS's drain would wait on it for the whole drain timeout.
         if self.worker is not None:
@@ -124,11 +134,21 @@ class ArchiveService:
         assert self.nc is not None and self.js is not None
         self.pool = await self._open_database()
         sub = await self._bind_consumer(self.js)
+        assert self.userstate is not None
         self.worker = ArchiveWorker(
-            self.nc, self.js, sub, self.pool, self.settings, self._set_db_state
+            self.nc,
+            self.js,
+            sub,
+            self.pool,
+            self.settings,
+            self._set_db_state,
+            self.userstate.publish_mentions,
         )
         if self.stopping:
             return
+        self._userstate_task = self.tasks.spawn(
+            self.userstate.run(self.pool), name="archive-userstate"
+        )
         self.consuming = True
         log.info("consuming %s as %s", names.STREAM_ARCHIVE, names.CONSUMER_ARCHIVE)
         await self.worker.run()
@@ -222,6 +242,8 @@ class ArchiveService:
                     self._set_db_state(True)
                 except handlers.DB_UNAVAILABLE:
                     self._set_db_state(False)
+            if self.pool is not None and self.userstate is not None:
+                await self.userstate.keep_watermark(self.pool)
             if self.js is not None and self.consuming:
                 try:
                     info = await self.js.consumer_info(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from chatlib import codec, ids, names, validate, wire
 from chatlib.proto.chat import v1 as pb
 from nats.micro.request import ServiceError
@@ -150,7 +151,9 @@ ON CONFLICT (id) DO NOTHING
 """
 
 
-async def write_rows(db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row]) -> int:
+async def write_rows(
+    db: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy, rows: Sequence[Row]
+) -> int:
     """Insert the rows not yet stored, atomically; returns how many were new."""
     if not rows:
         return 0

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import nats.errors
@@ -22,8 +22,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from archive import metrics
-from archive.handlers import DB_UNAVAILABLE, PoisonTask, Row, one_line, task_row, write_rows
+from archive import metrics, userstate
+from archive.handlers import (
+    DB_UNAVAILABLE,
+    PoisonTask,
+    Row,
+    chat_sequence,
+    one_line,
+    task_row,
+)
 from archive.settings import ArchiveSettings
 
 log = logging.getLogger(__name__)
@@ -43,10 +50,13 @@ class ArchiveWorker:
         pool: asyncpg.Pool,
         settings: ArchiveSettings,
         on_db_state: Callable[[bool], None],
+        on_mentions: Callable[[list[tuple[str, Row]]], Awaitable[None]] | None = None,
     ) -> None:
         self.nc, self.js, self.sub, self.pool = nc, js, sub, pool
         self.settings = settings
         self.on_db_state = on_db_state
+        # Called after a commit with the mentions of members the batch holds.
+        self.on_mentions = on_mentions
         self.stopping = False
 
     def stop(self) -> None:
@@ -125,7 +135,7 @@ class ArchiveWorker:
         while True:
             started = time.perf_counter()
             try:
-                new = await write_rows(self.pool, rows)
+                new, mentioned = await userstate.write_messages(self.pool, rows)
             except DB_UNAVAILABLE as exc:
                 # Keep the batch and retry here rather than nak it: a nak would count as a
                 # delivery, and a long outage must not push good tasks to the dead letters.
@@ -149,14 +159,21 @@ class ArchiveWorker:
             metrics.ROWS_WRITTEN.inc(new)
             self.on_db_state(True)
             break
-        # Committed: now, and only now, the tasks may leave the queue.
+        # Committed: now, and only now, the tasks may leave the queue (after the mention
+        # events: a crash before the ack writes the batch again and republishes them, and
+        # JetStream drops the duplicates).
+        if mentioned and self.on_mentions is not None:
+            await self.on_mentions(mentioned)
         for msg, _ in batch:
             await self.ack(msg)
 
     async def write_one_by_one(self, batch: list[tuple[Msg, Row]]) -> None:
         for msg, row in batch:
             try:
-                metrics.ROWS_WRITTEN.inc(await write_rows(self.pool, [row]))
+                new, mentioned = await userstate.write_messages(self.pool, [row])
+                metrics.ROWS_WRITTEN.inc(new)
+                if mentioned and self.on_mentions is not None:
+                    await self.on_mentions(mentioned)
             except DB_UNAVAILABLE:
                 continue  # not acked: it comes back after ack_wait
             except asyncpg.PostgresError as exc:
@@ -182,6 +199,8 @@ class ArchiveWorker:
         except Exception as exc:
             log.warning("could not dead-letter task %s: %s", msg.metadata.sequence.stream, exc)
             return
+        if not await self.skip_chat_seq(chat_sequence(msg.headers)):
+            return  # not acked: it comes back, and the park is deduplicated
         log.warning(
             "dead-lettered task",
             extra={"seq": msg.metadata.sequence.stream, "reason": one_line(reason)},
@@ -204,12 +223,25 @@ class ArchiveWorker:
         headers[names.HEADER_DEAD_SUBJECT] = stored.subject or ""
         headers[names.HEADER_MSG_ID] = f"archive-{stream_seq}"
         await self.js.publish(names.DEAD_LETTER_ARCHIVE, stored.data or b"", headers=headers)
+        if not await self.skip_chat_seq(chat_sequence(stored.headers)):
+            return
         try:
             await self.js.delete_msg(names.STREAM_ARCHIVE, stream_seq)
         except nats.js.errors.NotFoundError:
             pass
         log.warning("dead-lettered task", extra={"seq": stream_seq, "reason": reason})
         metrics.DEAD_LETTERED.labels("retries_exhausted").inc()
+
+    async def skip_chat_seq(self, seq: int | None) -> bool:
+        """Tell the unread-count watermark that this CHAT sequence will never be stored."""
+        if seq is None:
+            return True
+        try:
+            await userstate.record_skipped(self.pool, seq)
+        except Exception as exc:
+            log.warning("could not record skipped sequence %d: %s", seq, exc)
+            return False
+        return True
 
     async def ack(self, msg: Msg) -> None:
         try:
