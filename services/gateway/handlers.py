@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatlib import codec, idempotency, ids, names
+from chatlib.auth import Authenticator
 from chatlib.limits import TokenBucket
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, metrics, userstate
+from gateway import frames, metrics, reauth, userstate
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.session import Session
@@ -33,6 +34,7 @@ class Deps:
     js: JetStreamContext
     hub: Hub
     settings: GatewaySettings
+    auth: Authenticator | None = None  # for `auth` frames (gateway.reauth)
 
 
 Handler = Callable[[dict[str, Any], Session, Deps], Awaitable[None]]
@@ -293,6 +295,7 @@ HANDLERS: dict[str, Handler] = {
     "history": handle_history,
     "typing": handle_typing,
     "ping": handle_ping,
+    "auth": reauth.handle_auth,
     "read": userstate.handle_read,
     "rooms": userstate.handle_rooms,
     "threads": userstate.handle_threads,
