@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest
 import websockets
-from chatlib.auth import Authenticator, AuthError
+from chatlib.auth import Authenticator, AuthError, Identity
 from gateway.admission import TokenCache
 from gateway.settings import GatewaySettings
 from nats.aio.client import Client as NATS
@@ -103,20 +103,21 @@ async def test_hellos_beyond_the_queue_are_refused_with_503_and_retry_after(
             await waiting.close()
 
 
-def test_token_checks_are_cached_briefly_and_never_past_expiry() -> None:
+async def test_token_checks_are_cached_briefly_and_never_past_expiry() -> None:
     settings = GatewaySettings(guest_token_ttl=60)
     auth = Authenticator(settings)
     calls: list[object] = []
-    verify = auth.verify
+    identify = auth.identify
 
-    def counting(token: object) -> str:
+    def counting(token: object) -> Identity:
         calls.append(token)
-        return verify(token)
+        return identify(token)
 
-    auth.verify = counting  # type: ignore[method-assign]
+    auth.identify = counting  # type: ignore[method-assign]
     cache = TokenCache(auth, ttl=30)
     token, _ = auth.issue_guest("alice")
-    assert cache.verify(token) == "alice" and cache.verify(token) == "alice"
+    assert (await cache.identify(token)).user == "alice"
+    assert (await cache.identify(token)).user == "alice"
     assert len(calls) == 1  # the second check came from the cache
     # A token that expires in 1 s is cached for 1 s, not 30.
     soon = jwt.encode(
@@ -124,11 +125,10 @@ def test_token_checks_are_cached_briefly_and_never_past_expiry() -> None:
         settings.guest_secret,
         "HS256",
     )
-    assert cache.verify(soon) == "bob"
-    assert cache._users[soon][1] <= time.time() + 1
+    assert (await cache.identify(soon)).user == "bob"
+    assert cache._known[soon][1] <= time.time() + 1
     # Refusals are never cached.
-    with pytest.raises(AuthError):
-        cache.verify("not-a-token")
-    with pytest.raises(AuthError):
-        cache.verify("not-a-token")
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            await cache.identify("not-a-token")
     assert calls.count("not-a-token") == 2

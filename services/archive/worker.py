@@ -86,8 +86,11 @@ class ArchiveWorker:
             return await self.sub.fetch(
                 self.settings.batch_size, timeout=self.settings.fetch_timeout
             )
-        except nats.errors.TimeoutError:
-            return []  # nothing to do, or NATS is reconnecting: ask again
+        except TimeoutError:
+            # nats-py raises its own TimeoutError (a subclass) when the server says the
+            # fetch expired, the plain one when its own deadline comes first (a loaded
+            # machine, NATS going away): both mean nothing to do now, ask again.
+            return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(0.2)
         except Exception:

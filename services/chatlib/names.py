@@ -60,6 +60,11 @@ KV_PRESENCE = "presence"
 # lists: key <room>.<user>, written by gateways, mirrored by every gateway (gateway/roster.py).
 KV_MEMBERS = "members"
 
+# --- Guest names -----------------------------------------------------------------------
+# Guest name reservations: key <name>, value the holder id (the guest token's jti).
+# Gateways write and refresh them; an entry unrefreshed for the bucket's max age lapses.
+KV_GUEST_NAMES = "guest-names"
+
 # --- Micro services (request/reply) --------------------------------------------------
 SERVICE_HISTORY = "chat-history"
 HISTORY_SUBJECT = "chat.history"

@@ -19,15 +19,13 @@ a storm is the same clients with the same tokens, reconnecting.
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 import time
 from collections import OrderedDict
 
-import orjson
-from chatlib.auth import Authenticator
+from chatlib.auth import Authenticator, Identity
 
-from gateway import metrics
+from gateway import metrics, reauth
 
 TOKEN_CACHE_MAX = 50_000
 # Once the greeting rate is known, no more sockets wait than can be greeted in this many
@@ -103,31 +101,21 @@ class Ticket:
 
 
 class TokenCache:
-    """Authenticator.verify, remembered briefly per token."""
+    """Token checks (gateway.reauth.identify), remembered briefly per token."""
 
     def __init__(self, auth: Authenticator, ttl: float) -> None:
         self.auth, self.ttl = auth, ttl
-        self._users: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._known: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
 
-    def verify(self, token: object) -> str:
+    async def identify(self, token: object) -> Identity:
         now = time.time()
         if isinstance(token, str):
-            cached = self._users.get(token)
+            cached = self._known.get(token)
             if cached is not None and cached[1] > now:
                 return cached[0]
-        user = self.auth.verify(token)  # AuthError goes to the caller, nothing cached
+        identity = await reauth.identify(self.auth, token)  # AuthError: nothing cached
         if self.ttl > 0 and isinstance(token, str):
-            self._users[token] = (user, min(now + self.ttl, _expiry(token)))
-            if len(self._users) > TOKEN_CACHE_MAX:
-                self._users.popitem(last=False)
-        return user
-
-
-def _expiry(token: str) -> float:
-    """The `exp` of a token that was just verified (so its payload is well formed)."""
-    try:
-        payload = token.split(".")[1]
-        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
-    except (IndexError, KeyError, ValueError, TypeError, orjson.JSONDecodeError):
-        return 0.0  # unknown: do not cache
+            self._known[token] = (identity, min(now + self.ttl, identity.expires_at))
+            if len(self._known) > TOKEN_CACHE_MAX:
+                self._known.popitem(last=False)
+        return identity

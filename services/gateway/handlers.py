@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatlib import codec, idempotency, ids, names
+from chatlib.auth import Authenticator
 from chatlib.limits import TokenBucket
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, members, metrics, userstate
+from gateway import frames, members, metrics, reauth, userstate
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.scope import PresenceScope
@@ -35,6 +36,7 @@ class Deps:
     hub: Hub
     settings: GatewaySettings
     scope: PresenceScope | None = None  # scoped presence (gateway/scope.py)
+    auth: Authenticator | None = None  # for `auth` frames (gateway.reauth)
 
 
 Handler = Callable[[dict[str, Any], Session, Deps], Awaitable[None]]
@@ -303,6 +305,7 @@ HANDLERS: dict[str, Handler] = {
     "ping": handle_ping,
     "members": members.handle_members,
     "watch": members.handle_watch,
+    "auth": reauth.handle_auth,
     "read": userstate.handle_read,
     "rooms": userstate.handle_rooms,
     "threads": userstate.handle_threads,
