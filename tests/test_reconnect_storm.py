@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import websockets
 from chatlib.auth import Authenticator, AuthError, Identity
@@ -120,11 +119,7 @@ async def test_token_checks_are_cached_briefly_and_never_past_expiry() -> None:
     assert (await cache.identify(token)).user == "alice"
     assert len(calls) == 1  # the second check came from the cache
     # A token that expires in 1 s is cached for 1 s, not 30.
-    soon = jwt.encode(
-        {"sub": "bob", "iss": "natschat-guest", "exp": int(time.time()) + 1},
-        settings.guest_secret,
-        "HS256",
-    )
+    soon, _ = auth.issue_guest("bob", now=time.time() - 59)  # exp in 1 s (ttl 60)
     assert (await cache.identify(soon)).user == "bob"
     assert cache._known[soon][1] <= time.time() + 1
     # Refusals are never cached.
