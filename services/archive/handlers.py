@@ -42,6 +42,7 @@ class Row:
     content: str
     ts_ms: int
     stream_seq: int | None
+    reply_to: str | None = None
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -116,6 +117,7 @@ def message_row(message: pb.ChatMessage | wire.Fields, stream_seq: int | None = 
         content=message.content,
         ts_ms=message.ts_ms,
         stream_seq=stream_seq,
+        reply_to=message.reply_to if ids.is_valid_id(message.reply_to) else None,
     )
 
 
@@ -142,20 +144,38 @@ def task_row(subject: str, data: bytes, headers: dict[str, str] | None) -> Row:
 # One statement (so one transaction, one round trip) for the whole batch: the columns go as
 # arrays and unnest turns them back into rows. ON CONFLICT DO NOTHING makes a redelivered
 # or duplicated task a no-op, which is what lets us ack after the commit and still be exact.
+#
+# The same round trip also names the batch's messages that have lifecycle events waiting
+# for them (an edit can arrive before its message: archive.lifecycle). It looks at the
+# whole batch, not only the new rows, so a crash between this commit and applying them is
+# repaired by the redelivery.
 INSERT_ROWS = """
-INSERT INTO messages (id, room, dm_lo, dm_hi, sender, content, ts_ms, stream_seq)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::bigint[], $8::bigint[])
-ON CONFLICT (id) DO NOTHING
+WITH inserted AS (
+    INSERT INTO messages (id, room, dm_lo, dm_hi, sender, content, ts_ms, stream_seq, reply_to)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS new,
+       ARRAY(SELECT DISTINCT message_id FROM message_events
+             WHERE NOT applied AND message_id = ANY($1::text[])) AS pending
 """
 
 
 async def write_rows(db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row]) -> int:
     """Insert the rows not yet stored, atomically; returns how many were new."""
+    return (await write_rows_pending(db, rows))[0]
+
+
+async def write_rows_pending(
+    db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row]
+) -> tuple[int, list[str]]:
+    """write_rows, and the ids among the rows that have lifecycle events waiting."""
     if not rows:
-        return 0
+        return 0, []
     unique = list({row.id: row for row in rows}.values())
-    status = await db.execute(
+    record = await db.fetchrow(
         INSERT_ROWS,
         [r.id for r in unique],
         [r.room for r in unique],
@@ -165,13 +185,18 @@ async def write_rows(db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row])
         [r.content for r in unique],
         [r.ts_ms for r in unique],
         [r.stream_seq for r in unique],
+        [r.reply_to for r in unique],
     )
-    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <count>"
+    assert record is not None
+    return int(record["new"]), list(record["pending"])
 
 
 # --- History ----------------------------------------------------------------------------
 
-COLUMNS = "id, room, dm_lo, dm_hi, sender, content, ts_ms"
+# The last four: edits, deletes, reactions and replies (archive.lifecycle.page_states).
+COLUMNS = (
+    "id, room, dm_lo, dm_hi, sender, content, ts_ms, reply_to, edited_at_ms, deleted, has_reactions"
+)
 # Sorts after every message id (ids are [0-9A-Z] and the column collates bytewise), so
 # "id < AFTER_EVERY_ID" is the latest page and one query shape serves both kinds of page.
 AFTER_EVERY_ID = "~"
@@ -204,12 +229,16 @@ def record_message(record: asyncpg.Record) -> bytes:
     )
 
 
-def to_page(records: list[asyncpg.Record], limit: int) -> bytes:
+async def to_page(db: asyncpg.Pool, records: list[asyncpg.Record], limit: int) -> bytes:
     """Records newest first, one more than `limit` when older ones exist -> the encoded
-    pb.HistoryPage, oldest first."""
+    pb.HistoryPage, oldest first, with the states of edited, deleted, reacted-to and
+    replying messages."""
+    from archive.lifecycle import page_states  # it imports this module
+
     has_more = len(records) > limit
     newest_first = records[:limit]
-    return wire.encode_page([record_message(r) for r in reversed(newest_first)], has_more)
+    states = await page_states(db, newest_first)
+    return wire.encode_page([record_message(r) for r in reversed(newest_first)], has_more, states)
 
 
 async def room_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int) -> bytes:
@@ -229,7 +258,7 @@ async def room_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: i
         request.before_id or AFTER_EVERY_ID,
         limit + 1,
     )
-    return to_page(records, limit)
+    return await to_page(db, records, limit)
 
 
 async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int) -> bytes:
@@ -261,4 +290,4 @@ async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int
         request.before_id or AFTER_EVERY_ID,
         limit + 1,
     )
-    return to_page(records, limit)
+    return await to_page(db, records, limit)

@@ -149,6 +149,7 @@ class Gateway:
             await refuse("unauthorized", str(exc))
             return
         session = Session(user, send, self.settings)
+        session.operator = self.auth.has_role(hello.get("token"), self.settings.operator_role)
         self.sessions.add(session)
         try:
             await self._run_session(session, hello, receive)

@@ -124,6 +124,7 @@ class Session:
         "closing",
         "id",
         "live_buffer",
+        "operator",
         "read_bucket",
         "rooms",
         "sends",
@@ -134,6 +135,8 @@ class Session:
         self.id = ids.new_id()
         self.user = user
         self.rooms: set[str] = set()
+        # The token carries the operator role: may delete anyone's message (issue 14).
+        self.operator = False
         self._send = send
         self._protocol = _direct_protocol(send)
         self._limit = settings.send_queue_frames

@@ -44,6 +44,11 @@ class GatewaySettings(ClientSettings):
     # closed with 1009 (the WebSocket layer refuses to buffer them). 0: 2 x max_frame_bytes.
     hard_frame_bytes: int = Field(default=0, ge=0)
 
+    # Message lifecycle (issue 14): how long after sending its author may edit a message,
+    # and the JWT role whose holders may delete anyone's message (empty: nobody).
+    edit_window_s: float = Field(default=24 * 3600, gt=0)
+    operator_role: str = "chat-operator"
+
     def check_production(self) -> None:
         super().check_production()
         if not self.idempotency_check:
