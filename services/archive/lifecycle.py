@@ -199,7 +199,8 @@ async def _apply_message(conn: Any, message_id: str, edit_window_ms: int) -> lis
         return []
     # A tombstone keeps its place (id, sender, time) and nothing of what was said.
     await conn.execute(
-        "UPDATE messages SET deleted = true, content = '', has_reactions = false WHERE id = $1",
+        "UPDATE messages SET deleted = true, content = '', has_reactions = false,"
+        " edited_at_ms = NULL, version_seq = 0 WHERE id = $1",
         message_id,
     )
     await conn.execute("DELETE FROM reactions WHERE message_id = $1", message_id)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import betterproto2
 import nats
 import nats.errors
-from chatlib import codec, idempotency, ids, names, presence_client, validate
+from chatlib import codec, idempotency, ids, message_events, names, presence_client, validate
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -352,6 +352,10 @@ class ChatClient:
 
 def _decode_chat(msg: Msg) -> pb.ChatMessage | None:
     try:
-        return codec.decode_as(pb.ChatMessage, msg.data, msg.headers)
+        event = message_events.decode_chat(msg.data, msg.headers)
     except codec.DecodeError:
         return None  # not ours to fix: the archive parks such payloads in DEADLETTER
+    # Edits, deletes and reactions (issue 14) share the chat subjects; this stream (and
+    # the gRPC StreamMessages built on it) carries messages only, so they are skipped
+    # here on purpose: history and the WebSocket show their effect.
+    return event if isinstance(event, pb.ChatMessage) else None
