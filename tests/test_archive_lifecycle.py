@@ -63,7 +63,7 @@ async def test_edits_and_reactions_end_in_the_same_state_whatever_the_arrival_or
     removed (4), carol's reaction (6), one item delivered twice."""
     expected: tuple[object, ...] | None = None
     orders = list(itertools.permutations(range(6)))
-    for order in random.Random(14).sample(orders, 40) + [tuple(range(6))]:
+    for order in [*random.Random(14).sample(orders, 40), tuple(range(6))]:
         mid = ids.new_id()
         items: list[Row | EventRow] = [
             message(mid, 1),
