@@ -120,7 +120,8 @@ async def test_edit_react_reply_delete_and_search_on_desktop_and_phone(
         await theirs.get_by_test_id("message-menu").click()
         await theirs.get_by_test_id("reply").click()
         await expect(bob.page.get_by_test_id("reply-bar")).to_contain_text("Replying to alice")
-        await bob.say("agreed entirely")
+        await bob.page.fill("#composer", "agreed entirely")
+        await bob.page.get_by_test_id("send").click()  # on a touch screen Enter is a newline
         reply = alice.page.locator('#message-list li[data-sender="bob"]')
         await expect(reply.get_by_test_id("quote")).to_contain_text(
             "alice: first typo, fixed", timeout=WAIT_MS

@@ -11,7 +11,9 @@ const INLINE = new RegExp(
   [
     "`([^`\\n]+)`", // 1: code
     "\\*\\*([^*\\n]+?)\\*\\*", // 2: bold
-    "(?<![A-Za-z0-9])_([^_\\n]+?)_(?![A-Za-z0-9])", // 3: italic (not inside snake_case)
+    // 3: italic, opened at a word start (not inside snake_case or window.__x), no space
+    // just inside the underscores.
+    "(?<![^\\s(])_([^_\\s](?:[^_\\n]*?[^_\\s])?)_(?![A-Za-z0-9_])",
     "(https?:\\/\\/[^\\s<>\"'`]+)", // 4: a link
   ].join("|"),
   "gi",
