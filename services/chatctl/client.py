@@ -271,6 +271,29 @@ class ChatClient:
         data, headers = await self._request(names.SERVICE_HISTORY, subject, request)
         return self._decode_reply(pb.HistoryPage, data, headers)
 
+    async def search(
+        self,
+        query: str,
+        *,
+        requester: str,
+        rooms: Sequence[str] = (),
+        before_id: str = "",
+        limit: int = 20,
+    ) -> pb.SearchPage:
+        """Full-text search as `requester` sees it: the given rooms and the requester's
+        own DM threads, newest first (issue 14)."""
+        if not query.strip() or len(query) > 200:
+            raise UsageError("query must be 1-200 characters")
+        request = pb.SearchRequest(
+            requester=check_name("user", requester),
+            rooms=[check_name("room", r) for r in rooms],
+            query=query,
+            before_id=before_id,
+            limit=limit,
+        )
+        data, headers = await self._request(names.SERVICE_HISTORY, names.HISTORY_SEARCH, request)
+        return self._decode_reply(pb.SearchPage, data, headers)
+
     async def who(self) -> list[str]:
         """Every user online, across all pages, sorted by name."""
         # One paging implementation for the gateway and chatctl.
