@@ -29,6 +29,10 @@ __all__ = ["archive_db", "archive_procs", "gateways"]
 THUMBS, HEART = "\U0001f44d", "\u2764\ufe0f"
 
 
+def thread_page(frame: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(frame["messages"])
+
+
 async def _sent(client: ChatClient, room: str, content: str, **extra: Any) -> dict[str, Any]:
     cid = f"c-{ids.new_id()[-12:]}"
     await client.send({"type": "send", "room": room, "content": content, "client_id": cid, **extra})
@@ -344,3 +348,19 @@ async def test_a_reply_names_its_parent_live_and_in_history(
 
         message = await wait_until(archived_reply, "reply archived", timeout=15, interval=0.2)
         assert isinstance(message, dict) and message["reply_to"] == parent
+
+        # A reply thread: the parent and its replies, nothing else of the room.
+        await _sent(alice, "dev", "unrelated")
+        second = await _sent(alice, "dev", "count me in", reply_to=parent)
+        await wait_until(lambda: archived(archive_db, second["id"]), "archived", 15, 0.1)
+        thread = await request(bob, "history", room="dev", thread=parent)
+        assert thread["thread"] == parent
+        assert [m["id"] for m in thread["messages"]] == [parent, reply["id"], second["id"]]
+        # Around a message: it and older ones (half the page), and newer ones.
+        unrelated = next(m for m in thread_page(await request(bob, "history", room="dev"))
+                         if m["content"] == "unrelated")  # fmt: skip
+        around = await request(bob, "history", room="dev", around=reply["id"], limit=2)
+        assert [m["id"] for m in around["messages"]] == [reply["id"], unrelated["id"]]
+        assert around["has_more"] is True  # the parent is older
+        refused = await request(bob, "history", room="dev", around=parent, before=parent)
+        assert refused["code"] == "bad_frame"

@@ -233,10 +233,14 @@ async def to_page(db: asyncpg.Pool, records: list[asyncpg.Record], limit: int) -
     """Records newest first, one more than `limit` when older ones exist -> the encoded
     pb.HistoryPage, oldest first, with the states of edited, deleted, reacted-to and
     replying messages."""
+    return await encode_page(db, records[:limit], len(records) > limit)
+
+
+async def encode_page(
+    db: asyncpg.Pool, newest_first: list[asyncpg.Record], has_more: bool
+) -> bytes:
     from archive.lifecycle import page_states  # it imports this module
 
-    has_more = len(records) > limit
-    newest_first = records[:limit]
     states = await page_states(db, newest_first)
     return wire.encode_page([record_message(r) for r in reversed(newest_first)], has_more, states)
 
@@ -250,6 +254,9 @@ async def room_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: i
         raise bad_request(f"bad room {request.room!r}: {validate.NAME_RULE}")
     check_before_id(request.before_id)
     limit = page_limit(request.limit, page_max)
+    special = await _around_or_thread(db, "room = $1", [request.room], request, limit)
+    if special is not None:
+        return special
     # Paging by id, not ts_ms: ids are unique and sort by time, so messages sharing a
     # millisecond are neither skipped nor repeated across pages.
     records = await db.fetch(
@@ -282,6 +289,9 @@ async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int
         if anchor is not None and (anchor["dm_lo"], anchor["dm_hi"]) != (lo, hi):
             raise ServiceError("403", "before_id is not a message of this thread")
     limit = page_limit(request.limit, page_max)
+    special = await _around_or_thread(db, "dm_lo = $1 AND dm_hi = $2", [lo, hi], request, limit)
+    if special is not None:
+        return special
     records = await db.fetch(
         f"SELECT {COLUMNS} FROM messages WHERE dm_lo = $1 AND dm_hi = $2"
         " AND id < $3 ORDER BY id DESC LIMIT $4",
@@ -291,3 +301,44 @@ async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int
         limit + 1,
     )
     return await to_page(db, records, limit)
+
+
+async def _around_or_thread(
+    db: asyncpg.Pool, where: str, params: list[str], request: pb.HistoryRequest, limit: int
+) -> bytes | None:
+    """The page around a message, or a reply thread (issue 14); None for a plain page.
+    `where` restricts to the conversation asked for, so an id from another one gives
+    nothing of it."""
+    for value in (request.around_id, request.thread_id):
+        if value and not ids.is_valid_id(value):
+            raise bad_request(f"{value!r} is not a message id")
+    n = len(params)
+    if request.thread_id:
+        records = await db.fetch(
+            f"SELECT {COLUMNS} FROM messages WHERE {where}"
+            f" AND (id = ${n + 1} OR reply_to = ${n + 1}) ORDER BY id DESC LIMIT ${n + 2}",
+            *params,
+            request.thread_id,
+            limit + 1,
+        )
+        return await to_page(db, list(records), limit)
+    if not request.around_id:
+        return None
+    newer_count = limit // 2
+    older = await db.fetch(
+        f"SELECT {COLUMNS} FROM messages WHERE {where} AND id <= ${n + 1}"
+        f" ORDER BY id DESC LIMIT ${n + 2}",
+        *params,
+        request.around_id,
+        limit - newer_count + 1,
+    )
+    newer = await db.fetch(
+        f"SELECT {COLUMNS} FROM messages WHERE {where} AND id > ${n + 1}"
+        f" ORDER BY id LIMIT ${n + 2}",
+        *params,
+        request.around_id,
+        newer_count,
+    )
+    kept_older = list(older[: limit - newer_count])
+    newest_first = [*reversed(newer), *kept_older]
+    return await encode_page(db, newest_first, len(older) > len(kept_older))

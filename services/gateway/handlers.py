@@ -223,6 +223,8 @@ async def handle_history(frame: dict[str, Any], session: Session, deps: Deps) ->
     if not isinstance(before, str) or (before and not ids.is_valid_id(before)):
         raise FrameError("bad_frame", "before must be a message id", "history")
     request = pb.HistoryRequest(requester=session.user, before_id=before, limit=limit)
+    extra = lifecycle_frames.history_options(frame)  # around / thread (issue 14)
+    request.around_id, request.thread_id = extra.get("around", ""), extra.get("thread", "")
     target: dict[str, str]
     if "room" in frame:
         request.room = frames.room_of(frame, "history")
@@ -260,7 +262,9 @@ async def handle_history(frame: dict[str, Any], session: Session, deps: Deps) ->
             if state is not None:
                 obj.update(lifecycle_frames.state_fields(state))
     session.push(
-        frames.dumps({"type": "history", **target, "messages": messages, "has_more": page.has_more})
+        frames.dumps(
+            {"type": "history", **target, **extra, "messages": messages, "has_more": page.has_more}
+        )
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from chatlib import ids
 from chatlib.message_events import Lifecycle
 from chatlib.proto.chat import v1 as pb
 
@@ -58,3 +59,17 @@ def state_fields(state: pb.MessageState) -> dict[str, Any]:
             for r in state.reactions
         ]
     return out
+
+
+def history_options(frame: dict[str, Any]) -> dict[str, str]:
+    """The optional `around` / `thread` of a history frame (validated message ids; at most
+    one, and not with `before`); echoed in the answer."""
+    from gateway.frames import FrameError
+
+    found = {k: frame[k] for k in ("around", "thread") if frame.get(k) is not None}
+    for key, value in found.items():
+        if not isinstance(value, str) or not ids.is_valid_id(value):
+            raise FrameError("bad_frame", f"{key} must be a message id", "history")
+    if len(found) > 1 or (found and frame.get("before")):
+        raise FrameError("bad_frame", "give one of before, around, thread", "history")
+    return found

@@ -16,6 +16,8 @@ ALTER TABLE messages
     ADD COLUMN search        tsvector GENERATED ALWAYS AS (to_tsvector('simple', content)) STORED;
 
 CREATE INDEX messages_search ON messages USING gin (search);
+-- Reply threads: a message and the ones replying to it.
+CREATE INDEX messages_reply_to ON messages (reply_to) WHERE reply_to IS NOT NULL;
 
 -- Every edit, delete and reaction the archive received. applied = false: waiting for its
 -- message (events can arrive first); refused: not applied, and why (a forged event).
