@@ -4,6 +4,7 @@ next to the same SQL sent straight to Postgres."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from typing import Any
@@ -38,10 +39,11 @@ def _rows(count: int, words: list[str], start_ms: int) -> list[tuple[Any, ...]]:
     """Room messages and DMs whose words follow a Zipf-like law (a few words are in a
     large share of messages, most are rare), as in real chat."""
     rng = random.Random(14)
-    weights = [1 / (rank + 1) for rank in range(len(words))]
+    # Cumulative weights, computed once: random.choices would redo them on every call.
+    cumulative = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(words))))
     out: list[tuple[Any, ...]] = []
     for i in range(count):
-        text = " ".join(rng.choices(words, weights, k=WORDS_PER_MESSAGE))
+        text = " ".join(rng.choices(words, cum_weights=cumulative, k=WORDS_PER_MESSAGE))
         ts = start_ms + i // 10
         sender = f"u{rng.randrange(USERS)}"
         if i % 5 == 0:  # a fifth are DMs
@@ -68,11 +70,12 @@ async def _search_bench(nats_url: str, db_url: str, total: int, queries: int) ->
         await conn.execute("ANALYZE messages")
         load_s = time.monotonic() - t0
         rng = random.Random(99)
-        # What people search for: mostly words of middling frequency, some common, some
-        # rare; a user in 5 rooms plus their own DMs.
+        # What people search for: a third each of common words (in ~1-5 % of messages),
+        # middling and rare ones; as a user in 5 rooms, plus their own DMs.
         asks = []
         for _ in range(queries):
-            rank = int(rng.paretovariate(0.6)) * 20 % VOCABULARY
+            low, high = rng.choice(((10, 100), (100, 2000), (2000, VOCABULARY)))
+            rank = rng.randrange(low, high)
             rooms = [f"room{r}" for r in rng.sample(range(ROOMS), 5)]
             asks.append((words[rank], rooms, f"u{rng.randrange(USERS)}"))
         samples: dict[str, list[float]] = {"search": [], "sql search": []}
