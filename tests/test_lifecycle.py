@@ -29,6 +29,18 @@ __all__ = ["archive_db", "archive_procs", "gateways"]
 THUMBS, HEART = "\U0001f44d", "\u2764\ufe0f"
 
 
+async def answer_again(client: ChatClient, cid: str) -> dict[str, Any]:
+    """The second answer to a client_id (the first was to the first attempt)."""
+
+    def second() -> list[dict[str, Any]]:
+        got = [f for f in client.frames if cid in (f.get("client_id"), f.get("ref"))]
+        return [f for f in got if f["type"] in ("ack", "error")][1:]
+
+    found = await wait_until(second, f"second answer to {cid}", timeout=10)
+    assert isinstance(found, list)
+    return found[0]
+
+
 def thread_page(frame: dict[str, Any]) -> list[dict[str, Any]]:
     return list(frame["messages"])
 
@@ -88,6 +100,9 @@ async def test_an_author_edits_then_deletes_and_every_member_sees_it_live_and_in
         # The tombstone keeps its place (id, sender, time) and nothing that was said.
         assert tomb["content"] == "" and tomb["sender"] == "alice" and tomb["ts"] == ack["ts"]
         assert "edited_at" not in tomb or tomb["content"] == ""
+        # A retried delete (same client_id, the first one's ack lost) is acked as the same.
+        retried = await answer_again(alice, await delete(alice, mid, deleted["client_id"]))
+        assert retried["duplicate"] is True and retried["seq"] == deleted["seq"]
         # An edit after the delete is refused: the message is gone.
         late = await answer(alice, await edit(alice, mid, "resurrected"))
         assert late == {**late, "type": "error", "code": "not_found"}

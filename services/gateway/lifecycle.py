@@ -85,7 +85,7 @@ def _place(info: pb.MessageInfo, user: str) -> tuple[str, str, str]:
 
 
 async def _target(
-    frame: dict[str, Any], session: Session, deps: Deps
+    frame: dict[str, Any], session: Session, deps: Deps, deleted_ok: bool = False
 ) -> tuple[str, pb.MessageInfo]:
     cid = frames.client_id_of(frame)
     message_id = _message_id_of(frame, cid)
@@ -94,7 +94,7 @@ async def _target(
         # A message of a room not joined, or of someone else's DM thread: same answer as
         # for a foreign message, so ids reveal nothing.
         raise FrameError("forbidden", "that message is not yours to change", cid)
-    if info.deleted:
+    if info.deleted and not deleted_ok:
         raise FrameError("not_found", "that message was deleted", cid)
     return cid, info
 
@@ -117,7 +117,10 @@ async def handle_edit(frame: dict[str, Any], session: Session, deps: Deps) -> No
 
 
 async def handle_delete(frame: dict[str, Any], session: Session, deps: Deps) -> None:
-    cid, info = await _target(frame, session, deps)
+    # Deleting a deleted message is harmless (the archive applies deletes idempotently),
+    # and it is what a retried delete is: with the same client_id it is acked as a
+    # duplicate of the first.
+    cid, info = await _target(frame, session, deps, deleted_ok=True)
     as_operator = info.sender != session.user
     if as_operator and not session.operator:
         raise FrameError("forbidden", "only its author or an operator can delete a message", cid)
