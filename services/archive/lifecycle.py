@@ -351,10 +351,9 @@ async def search(db: asyncpg.Pool, request: pb.SearchRequest) -> bytes:
         peer = ""
         if r["room"] is None:
             peer = r["dm_hi"] if r["sender"] == r["dm_lo"] else r["dm_lo"]
-        message = pb.ChatMessage.parse(
-            wire.encode_message(
-                r["id"], r["room"] or "", peer, r["sender"], r["content"], r["ts_ms"]
-            )
+        message = wire.encode_message(
+            r["id"], r["room"] or "", peer, r["sender"], r["content"], r["ts_ms"]
         )
-        hits.append(pb.SearchHit(message=message, snippet=r["snippet"]))
-    return bytes(pb.SearchPage(hits=hits, has_more=len(records) > limit))
+        hits.append((message, r["snippet"] or ""))
+    # chatlib.wire: betterproto2 would spend ~100 us per hit here.
+    return wire.encode_search_page(hits, len(records) > limit)

@@ -164,3 +164,16 @@ def encode_page(messages: Sequence[bytes], has_more: bool, states: Sequence[byte
         parts.append(_HAS_MORE)
     parts.extend(_STATES_KEY + _varint(len(s)) + s for s in states)
     return b"".join(parts)
+
+
+def encode_search_page(hits: Sequence[tuple[bytes, str]], has_more: bool) -> bytes:
+    """A pb.SearchPage of (encoded ChatMessage, snippet) hits (issue 14)."""
+    parts = []
+    for message, snippet in hits:
+        hit = _MESSAGES_KEY + _varint(len(message)) + message
+        if snippet:
+            hit += _string(b"\x12", snippet)
+        parts.append(_MESSAGES_KEY + _varint(len(hit)) + hit)
+    if has_more:
+        parts.append(_HAS_MORE)
+    return b"".join(parts)
