@@ -328,24 +328,10 @@ ORDER BY id DESC
 """
 
 
-# The planner underrates what matching a tsvector costs per row when it walks the id
-# index backwards hoping to fill the LIMIT early: for words of middling frequency it then
-# checks 100,000+ rows instead of fetching a few thousand through the GIN index. A higher
-# per-operator cost (this query only) makes it weigh that right; measured on 1,000,000
-# rows (`make bench`, scenario search): p99 ~43 -> ~34 ms for the bare SQL.
-# And a plan for each query's own words (asyncpg prepares statements; a generic plan,
-# made once for every word, cannot tell a rare word from a common one).
-SEARCH_SETTINGS = (
-    "SET LOCAL cpu_operator_cost = 0.03; SET LOCAL plan_cache_mode = force_custom_plan"
-)
-
-
 async def run_search(
     db: asyncpg.Pool, query: str, rooms: list[str], requester: str, before_id: str, n: int
 ) -> list[asyncpg.Record]:
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute(SEARCH_SETTINGS)
-        return list(await conn.fetch(SEARCH_SQL, query, rooms, requester, before_id or "~", n))
+    return list(await db.fetch(SEARCH_SQL, query, rooms, requester, before_id or "~", n))
 
 
 async def search(db: asyncpg.Pool, request: pb.SearchRequest) -> bytes:

@@ -56,7 +56,7 @@ def _rows(count: int, words: list[str], start_ms: int) -> list[tuple[Any, ...]]:
 
 
 async def _search_bench(nats_url: str, db_url: str, total: int, queries: int) -> dict[str, Any]:
-    from archive.lifecycle import SEARCH_SETTINGS, SEARCH_SQL
+    from archive.lifecycle import SEARCH_SQL
 
     words = _vocabulary()
     rows = _rows(total, words, int(time.time() * 1000) - total)
@@ -83,13 +83,11 @@ async def _search_bench(nats_url: str, db_url: str, total: int, queries: int) ->
         samples: dict[str, list[float]] = {"search": [], "sql search": []}
         hits = 0
         nc = await nats.connect(nats_url)
-        # The bare SQL as the archive sends it (same planner setting, same transaction).
+        # The bare SQL as the archive sends it (asyncpg prepares it there too).
         stmt = await conn.prepare(SEARCH_SQL)
 
         async def via_sql(word: str, rooms: list[str], user: str) -> None:
-            async with conn.transaction():
-                await conn.execute(SEARCH_SETTINGS)
-                await stmt.fetch(word, rooms, user, "~", 21)
+            await stmt.fetch(word, rooms, user, "~", 21)
 
         async def via_nats(word: str, rooms: list[str], user: str) -> int:
             req = pb.SearchRequest(requester=user, rooms=rooms, query=word, limit=20)
