@@ -3,16 +3,18 @@ real gateways, NATS, the archive and Postgres."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jwt
 from chatlib import codec, ids, names
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 
 from tests.archive_fixtures import ArchiveProc, archive_db, archive_procs, start_archive
-from tests.gateway_fixtures import ChatClient, GatewayProc, clients, gateways
+from tests.gateway_fixtures import ChatClient, GatewayProc, clients, gateways, start_gateways
 from tests.lifecycle_fixtures import (
     answer,
     archived,
@@ -379,3 +381,43 @@ async def test_a_reply_names_its_parent_live_and_in_history(
         assert around["has_more"] is True  # the parent is older
         refused = await request(bob, "history", room="dev", around=parent, before=parent)
         assert refused["code"] == "bad_frame"
+
+
+async def test_an_operator_role_in_the_jwt_deletes_anyones_message_and_nothing_else_does(
+    nc: NATS,
+    nats_server: Any,
+    database_url: str,
+    archive_db: asyncpg.Pool,
+    archive_procs: list[ArchiveProc],
+    logs_dir: Path,
+) -> None:
+    secret = "an-identity-providers-secret-of-32-bytes+"
+    env = {"GATEWAY_AUTH_MODE": "jwt", "GATEWAY_JWT_SECRET": secret}
+
+    def token(user: str, roles: list[str] | None = None) -> str:
+        claims: dict[str, Any] = {"sub": user, "exp": int(time.time()) + 300}
+        if roles is not None:
+            claims["roles"] = roles
+        return jwt.encode(claims, secret, "HS256")
+
+    start_archive(archive_procs, nats_server.url, database_url, logs_dir)
+    with start_gateways(nats_server.url, logs_dir, 1, env) as (gw,):
+        async with clients(
+            ChatClient.connect(gw, "alice", rooms=["dev"], token=token("alice")),
+            ChatClient.connect(gw, "mallory", rooms=["dev"], token=token("mallory", ["admin"])),
+            ChatClient.connect(gw, "oscar", rooms=["dev"], token=token("oscar", ["chat-operator"])),
+        ) as (alice, mallory, oscar):
+            mid = (await _sent(alice, "dev", "spam spam spam"))["id"]
+            refused = await answer(mallory, await delete(mallory, mid))
+            assert refused["code"] == "forbidden"  # a role, but not the operator's
+            editing = await answer(oscar, await edit(oscar, mid, "moderated"))
+            assert editing["code"] == "forbidden"  # operators delete, they do not edit
+            assert (await answer(oscar, await delete(oscar, mid)))["type"] == "ack"
+            gone = await alice.expect(type="delete", id=mid)
+            assert gone["by"] == "oscar"
+
+            async def tombstone() -> bool:
+                row = await archived(archive_db, mid)
+                return bool(row and row["deleted"] and row["content"] == "")
+
+            await wait_until(tombstone, "operator delete applied", timeout=15, interval=0.2)
