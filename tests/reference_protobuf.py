@@ -40,7 +40,8 @@ def official() -> SimpleNamespace:
     )  # fmt: skip
     sys.path.insert(0, str(out))
     classes: dict[str, Any] = {}
-    for module in ("chat_pb2", "history_pb2", "presence_pb2", "chat_service_pb2"):
+    # Every .proto file's module (a new file is picked up without a change here).
+    for module in sorted(f"{Path(p).stem}_pb2" for p in protos):
         mod = importlib.import_module(f"chat.v1.{module}")
         for name, desc in mod.DESCRIPTOR.message_types_by_name.items():
             classes[name] = getattr(mod, name)
