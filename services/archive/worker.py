@@ -84,8 +84,10 @@ class ArchiveWorker:
             return await self.sub.fetch(
                 self.settings.batch_size, timeout=self.settings.fetch_timeout
             )
-        except nats.errors.TimeoutError:
-            return []  # nothing to do, or NATS is reconnecting: ask again
+        except (nats.errors.TimeoutError, TimeoutError):
+            # Nothing to do, or NATS is reconnecting: ask again. (nats-py raises its own
+            # TimeoutError, or a bare asyncio one when the connection drops mid-fetch.)
+            return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(0.2)
         except Exception:
