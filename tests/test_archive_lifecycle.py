@@ -7,10 +7,12 @@ import itertools
 import random
 
 import asyncpg
+import pytest
 from archive import lifecycle
-from archive.handlers import Row, write_rows_pending
+from archive.handlers import PoisonTask, Row, write_rows_pending
 from archive.lifecycle import EventRow
-from chatlib import ids
+from chatlib import codec, ids
+from chatlib.proto.chat import v1 as pb
 
 from tests.archive_fixtures import archive_db
 
@@ -134,3 +136,27 @@ async def test_a_dm_reaction_by_an_outsider_is_refused(archive_db: asyncpg.Pool)
     fine = event(mid, 4, "react", actor="bob", room=None, dm_lo="alice", dm_hi="bob", emoji=THUMBS)
     await write(archive_db, [dm, outsider, forged_pair, fine])
     assert (await state(archive_db, mid))[4] == [("bob", THUMBS)]
+
+
+def test_a_lifecycle_event_that_did_not_come_through_chat_or_is_malformed_is_poison() -> None:
+    """Parked in the dead letters rather than applied: order comes from the CHAT sequence,
+    and only the known emoji are reactions."""
+    sourced = {"Nats-Stream-Source": "CHAT 42 > >"}
+    edit = pb.MessageEdit(id=ids.new_id(), message_id=ids.new_id(), room="dev", sender="alice",
+                          content="x", ts_ms=1)  # fmt: skip
+    data, headers = codec.encode(edit)
+    assert lifecycle.event_row(data, {**headers, **sourced}).stream_seq == 42
+    with pytest.raises(PoisonTask, match="CHAT"):
+        lifecycle.event_row(data, headers)  # published straight on archive.tasks
+    bad = [
+        pb.ReactionChange(id=ids.new_id(), message_id=ids.new_id(), room="dev", sender="a",
+                          emoji="<script>"),
+        pb.MessageDelete(id="nope", message_id=ids.new_id(), room="dev", sender="a"),
+        pb.MessageDelete(id=ids.new_id(), message_id=ids.new_id(), sender="a"),  # nowhere
+        pb.MessageEdit(id=ids.new_id(), message_id=ids.new_id(), room="dev", sender="a",
+                       content="nul\x00"),
+    ]  # fmt: skip
+    for event in bad:
+        data, headers = codec.encode(event)
+        with pytest.raises(PoisonTask):
+            lifecycle.event_row(data, {**headers, **sourced})
