@@ -48,6 +48,7 @@ from tests.system_fixtures import (
     ordering_problems,
     who_is_online,
 )
+from tests.userstate_crash_checks import check_unread_exact, mark_threads_read
 from tests.waiting import wait_until
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
             await wait_acked(load, more, f"progress after: {name}")
             log.warning("fault: %s recovered in %.1fs", name, time.monotonic() - started)
 
+        await wait_acked(load, step // 2, "some traffic before the reads")
+        markers = await mark_threads_read(clients, database_url)  # user state (#13)
         await fault("SIGKILL archive-0", lambda: system.kill("archive-0"), step)
 
         gateway0_users = [c.user for c in clients if c.ws and _port_of(c) == _gw_port(system, 0)]
@@ -184,6 +187,9 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
         await fault("SIGKILL gateway-0", lambda: system.kill("gateway-0"), 2 * step)
         await wait_until(
             lambda: all(c.connected for c in clients), "every client back on a gateway", 20
+        )
+        await check_unread_exact(
+            nc, system.gateway_ws_urls(), clients, markers, "after archive + gateway SIGKILL"
         )
         # Bring the crashed ones back so the rest of the run has two of each again.
         await asyncio.to_thread(system.restart, "gateway-0")
@@ -213,6 +219,7 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
         await check_outcome(system, nc, clients, database_url, gateway0_users, life)
         await check_grpc_reader(nc, reader)
         await check_lifecycle(nc, life, database_url, life_counts)
+        await check_unread_exact(nc, system.gateway_ws_urls(), clients, markers, "at the end")
     finally:
         for task in supervisors:
             task.cancel()

@@ -24,6 +24,7 @@ from nats.micro.service import Service as MicroService
 
 from archive import handlers, lifecycle, metrics, migrations
 from archive.settings import ArchiveSettings
+from archive.userstate_service import UserStateService
 from archive.worker import ArchiveWorker, backoff
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class ArchiveService:
         self._main: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._advisories: Subscription | None = None
+        self.userstate: UserStateService | None = None
+        self._userstate_task: asyncio.Task[None] | None = None
 
     # --- lifecycle (chatlib.lifecycle.Service) ----------------------------------------
 
@@ -77,6 +80,8 @@ class ArchiveService:
         await self.micro.add_endpoint(
             name="search", subject=names.HISTORY_SEARCH, handler=self._search
         )
+        self.userstate = UserStateService(nc, js, self.settings)
+        await self.userstate.start_service()
         # Connecting to Postgres may take a while (it may be down): do it in the background
         # so a SIGTERM meanwhile is still handled promptly.
         # One replica (queue group) handles each max-deliveries advisory.
@@ -99,6 +104,8 @@ class ArchiveService:
             self.worker.stop()
         if self.micro:
             await self.micro.stop()
+        if self.userstate:
+            await self.userstate.stop()
         if self._advisories:
             await self._advisories.unsubscribe()
         if self._monitor:
@@ -113,6 +120,9 @@ class ArchiveService:
             self._main.cancel()
         # wait, not await: a task that died has been logged already (chatlib.tasks).
         await asyncio.wait({self._main})
+        if self._userstate_task is not None:
+            # Its batch in hand is applied and acked before it returns.
+            await asyncio.wait({self._userstate_task}, timeout=self.settings.drain_timeout)
         # The pull subscription may hold a late reply to its last fetch that nobody will
         # read; NATS's drain would wait on it for the whole drain timeout.
         if self.worker is not None:
@@ -132,11 +142,21 @@ class ArchiveService:
         assert self.nc is not None and self.js is not None
         self.pool = await self._open_database()
         sub = await self._bind_consumer(self.js)
+        assert self.userstate is not None
         self.worker = ArchiveWorker(
-            self.nc, self.js, sub, self.pool, self.settings, self._set_db_state
+            self.nc,
+            self.js,
+            sub,
+            self.pool,
+            self.settings,
+            self._set_db_state,
+            self.userstate.publish_mentions,
         )
         if self.stopping:
             return
+        self._userstate_task = self.tasks.spawn(
+            self.userstate.run(self.pool), name="archive-userstate"
+        )
         self.consuming = True
         log.info("consuming %s as %s", names.STREAM_ARCHIVE, names.CONSUMER_ARCHIVE)
         await self.worker.run()
@@ -232,6 +252,8 @@ class ArchiveService:
                         await self._sweep_lifecycle(self.js)
                 except handlers.DB_UNAVAILABLE:
                     self._set_db_state(False)
+            if self.pool is not None and self.userstate is not None:
+                await self.userstate.keep_watermark(self.pool)
             if self.js is not None and self.consuming:
                 try:
                     info = await self.js.consumer_info(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from chatlib import codec, ids, names, validate, wire
 from chatlib.proto.chat import v1 as pb
 from nats.micro.request import ServiceError
@@ -163,13 +164,15 @@ SELECT (SELECT count(*) FROM inserted) AS new,
 """
 
 
-async def write_rows(db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row]) -> int:
+async def write_rows(
+    db: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy, rows: Sequence[Row]
+) -> int:
     """Insert the rows not yet stored, atomically; returns how many were new."""
     return (await write_rows_pending(db, rows))[0]
 
 
 async def write_rows_pending(
-    db: asyncpg.Pool | asyncpg.Connection, rows: Sequence[Row]
+    db: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy, rows: Sequence[Row]
 ) -> tuple[int, list[str]]:
     """write_rows, and the ids among the rows that have lifecycle events waiting."""
     if not rows:

@@ -126,6 +126,24 @@ async def record(db: asyncpg.Pool | asyncpg.Connection, events: Sequence[EventRo
         "content", "emoji", "removed", "ts_ms", "stream_seq",
     )  # fmt: skip
     await db.execute(INSERT_EVENTS, *([getattr(e, c) for e in unique] for c in columns))
+    # Their CHAT sequences will never be message rows: the user-state watermark (every
+    # CHAT sequence stored or skipped, archive.userstate) passes them.
+    await db.execute(
+        "INSERT INTO skipped_seqs (stream_seq) SELECT unnest($1::bigint[]) ON CONFLICT DO NOTHING",
+        [e.stream_seq for e in unique],
+    )
+
+
+async def waiting_for(db: asyncpg.Pool, message_ids: list[str]) -> list[str]:
+    """Which of these messages have events waiting for them (an edit can arrive first)."""
+    if not message_ids:
+        return []
+    rows = await db.fetch(
+        "SELECT DISTINCT message_id FROM message_events WHERE NOT applied"
+        " AND message_id = ANY($1::text[])",
+        message_ids,
+    )
+    return [r["message_id"] for r in rows]
 
 
 async def apply_pending(

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import nats.errors
@@ -22,14 +22,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from archive import lifecycle, metrics
+from archive import lifecycle, metrics, userstate
 from archive.handlers import (
     DB_UNAVAILABLE,
     PoisonTask,
     Row,
+    chat_sequence,
     one_line,
     task_row,
-    write_rows_pending,
 )
 from archive.lifecycle import EventRow
 from archive.settings import ArchiveSettings
@@ -51,10 +51,13 @@ class ArchiveWorker:
         pool: asyncpg.Pool,
         settings: ArchiveSettings,
         on_db_state: Callable[[bool], None],
+        on_mentions: Callable[[list[tuple[str, Row]]], Awaitable[None]] | None = None,
     ) -> None:
         self.nc, self.js, self.sub, self.pool = nc, js, sub, pool
         self.settings = settings
         self.on_db_state = on_db_state
+        # Called after a commit with the mentions of members the batch holds.
+        self.on_mentions = on_mentions
         self.stopping = False
 
     def stop(self) -> None:
@@ -132,12 +135,14 @@ class ArchiveWorker:
             log.exception("writing a batch failed unexpectedly; it will be redelivered")
         await self.flush_acks()
 
-    async def write(self, items: list[Row | EventRow]) -> int:
-        """Write messages and lifecycle events; every step is idempotent, so a retry or a
-        redelivery of any part is harmless. Returns the number of new messages."""
+    async def write(self, items: list[Row | EventRow]) -> tuple[int, list[tuple[str, Row]]]:
+        """Write messages (with their user state: archive.userstate) and lifecycle events
+        (archive.lifecycle); every step is idempotent, so a retry or a redelivery of any
+        part is harmless. Returns (new messages, mentions of members)."""
         rows = [item for item in items if isinstance(item, Row)]
         events = [item for item in items if isinstance(item, EventRow)]
-        new, pending = await write_rows_pending(self.pool, rows)
+        new, mentioned = await userstate.write_messages(self.pool, rows)
+        pending = await lifecycle.waiting_for(self.pool, [r.id for r in rows])
         if events:
             await lifecycle.record(self.pool, events)
         waiting = {*pending, *(e.message_id for e in events)}
@@ -145,7 +150,7 @@ class ArchiveWorker:
             window = int(self.settings.edit_window_s * 1000)
             purge = await lifecycle.apply_pending(self.pool, waiting, window)
             await lifecycle.purge_from_log(self.js, purge)
-        return new
+        return new, mentioned
 
     async def commit(self, batch: list[tuple[Msg, Row | EventRow]]) -> None:
         rows = [row for _, row in batch]
@@ -153,7 +158,7 @@ class ArchiveWorker:
         while True:
             started = time.perf_counter()
             try:
-                new = await self.write(rows)
+                new, mentioned = await self.write(rows)
             except DB_UNAVAILABLE as exc:
                 # Keep the batch and retry here rather than nak it: a nak would count as a
                 # delivery, and a long outage must not push good tasks to the dead letters.
@@ -177,14 +182,21 @@ class ArchiveWorker:
             metrics.ROWS_WRITTEN.inc(new)
             self.on_db_state(True)
             break
-        # Committed: now, and only now, the tasks may leave the queue.
+        # Committed: now, and only now, the tasks may leave the queue (after the mention
+        # events: a crash before the ack writes the batch again and republishes them, and
+        # JetStream drops the duplicates).
+        if mentioned and self.on_mentions is not None:
+            await self.on_mentions(mentioned)
         for msg, _ in batch:
             await self.ack(msg)
 
     async def write_one_by_one(self, batch: list[tuple[Msg, Row | EventRow]]) -> None:
         for msg, row in batch:
             try:
-                metrics.ROWS_WRITTEN.inc(await self.write([row]))
+                new, mentioned = await self.write([row])
+                metrics.ROWS_WRITTEN.inc(new)
+                if mentioned and self.on_mentions is not None:
+                    await self.on_mentions(mentioned)
             except DB_UNAVAILABLE:
                 continue  # not acked: it comes back after ack_wait
             except asyncpg.PostgresError as exc:
@@ -210,6 +222,8 @@ class ArchiveWorker:
         except Exception as exc:
             log.warning("could not dead-letter task %s: %s", msg.metadata.sequence.stream, exc)
             return
+        if not await self.skip_chat_seq(chat_sequence(msg.headers)):
+            return  # not acked: it comes back, and the park is deduplicated
         log.warning(
             "dead-lettered task",
             extra={"seq": msg.metadata.sequence.stream, "reason": one_line(reason)},
@@ -232,12 +246,25 @@ class ArchiveWorker:
         headers[names.HEADER_DEAD_SUBJECT] = stored.subject or ""
         headers[names.HEADER_MSG_ID] = f"archive-{stream_seq}"
         await self.js.publish(names.DEAD_LETTER_ARCHIVE, stored.data or b"", headers=headers)
+        if not await self.skip_chat_seq(chat_sequence(stored.headers)):
+            return
         try:
             await self.js.delete_msg(names.STREAM_ARCHIVE, stream_seq)
         except nats.js.errors.NotFoundError:
             pass
         log.warning("dead-lettered task", extra={"seq": stream_seq, "reason": reason})
         metrics.DEAD_LETTERED.labels("retries_exhausted").inc()
+
+    async def skip_chat_seq(self, seq: int | None) -> bool:
+        """Tell the unread-count watermark that this CHAT sequence will never be stored."""
+        if seq is None:
+            return True
+        try:
+            await userstate.record_skipped(self.pool, seq)
+        except Exception as exc:
+            log.warning("could not record skipped sequence %d: %s", seq, exc)
+            return False
+        return True
 
     async def ack(self, msg: Msg) -> None:
         try:

@@ -159,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.who)
 
     p = add(
+        "rooms",
+        "list the room directory",
+        "Ask chat-userstate for the rooms by name (members, last activity), JSON lines.",
+    )
+    p.add_argument("--prefix", default="", help="only rooms whose name starts with this")
+    p.add_argument("--limit", type=int, default=100, help="rooms per request")
+    p.add_argument("--one-page", action="store_true", help="stop after one request")
+    p.set_defaults(run=commands.rooms)
+
+    p = add(
+        "unread",
+        "a user's unread and mention counts",
+        "Ask chat-userstate for USER's rooms and DM threads with their unread and mention "
+        "counts, one JSON line a thread.",
+    )
+    p.add_argument("state_user", metavar="USER")
+    p.set_defaults(run=commands.unread)
+
+    p = add(
         "stats",
         "streams, archive consumer, dead letters, presence",
         "Stream sizes, the archive work queue (pending, ack pending, redelivered), dead "

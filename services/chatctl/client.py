@@ -294,6 +294,19 @@ class ChatClient:
         data, headers = await self._request(names.SERVICE_HISTORY, names.HISTORY_SEARCH, request)
         return self._decode_reply(pb.SearchPage, data, headers)
 
+    async def rooms(self, prefix: str = "", after: str = "", limit: int = 50) -> pb.RoomsPage:
+        """A page of the room directory (chat-userstate), by name."""
+        request = pb.RoomsRequest(prefix=prefix, after=after, limit=limit)
+        data, headers = await self._request(names.SERVICE_USERSTATE, names.USERSTATE_ROOMS, request)
+        return self._decode_reply(pb.RoomsPage, data, headers)
+
+    async def user_state(self, user: str) -> pb.UserState:
+        """A user's rooms and unread/mention counts as the archive holds them (exact up to
+        its `archived_through`; the gateway adds the CHAT tail after it at hello)."""
+        request = pb.UserStateRequest(user=check_name("user", user), cap=100)
+        data, headers = await self._request(names.SERVICE_USERSTATE, names.USERSTATE_STATE, request)
+        return self._decode_reply(pb.UserState, data, headers)
+
     async def who(self) -> list[str]:
         """Every user online, across all pages, sorted by name."""
         # One paging implementation for the gateway and chatctl.

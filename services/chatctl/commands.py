@@ -38,7 +38,12 @@ def check_subject(subject: str) -> str:
 
 def check_names(args: argparse.Namespace) -> None:
     """Every room/user name and subject in the arguments, before connecting."""
-    for kind, attr in (("room", "room"), ("user", "to"), ("user", "sender")):
+    for kind, attr in (
+        ("room", "room"),
+        ("user", "to"),
+        ("user", "sender"),
+        ("user", "state_user"),
+    ):
         value = getattr(args, attr, None)
         for one in value if isinstance(value, list) else [value]:  # search: --room repeats
             if one is not None:
@@ -192,4 +197,36 @@ async def who(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
 async def show_stats(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
     data: dict[str, Any] = await stats.gather(client)
     out.write((json.dumps(data) if args.json else stats.render_table(data)) + "\n")
+    return ExitCode.OK
+
+
+async def rooms(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
+    """The room directory, every page (or one with --limit), one JSON line a room."""
+    if args.prefix and not all(c in "abcdefghijklmnopqrstuvwxyz0123456789_-" for c in args.prefix):
+        raise UsageError(f"bad prefix {args.prefix!r}: room names are [a-z0-9_-]")
+    after = ""
+    while True:
+        page = await client.rooms(prefix=args.prefix, after=after, limit=args.limit)
+        for room in page.rooms:
+            out.write(
+                json.dumps({"name": room.name, "members": room.members, "last_ts": room.last_ts_ms})
+                + "\n"
+            )
+            after = room.name
+        if not page.has_more or args.one_page or not page.rooms:
+            return ExitCode.OK
+
+
+async def unread(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
+    """A user's threads with unread and mention counts, one JSON line a thread."""
+    state = await client.user_state(args.state_user)
+    for t in state.threads:
+        thread = {"room": t.room} if t.room else {"with": t.dm_peer}
+        line = {**thread, "unread": t.unread, "mentions": t.mentions, "read_seq": t.read_seq}
+        out.write(json.dumps(line) + "\n")
+    print(
+        f"chatctl: counts cover CHAT seq <= {state.archived_through} (the archive's "
+        'watermark; at 100 read "99+")',
+        file=sys.stderr,
+    )
     return ExitCode.OK

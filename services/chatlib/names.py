@@ -158,3 +158,50 @@ ADVISORY_ARCHIVE_MAX_DELIVERIES = (
 QUEUE_ARCHIVE = "archive"
 # Every DM typing indicator (a gateway's one DM typing subscription).
 TYPING_DM_ALL = "typing.dm.*.*"
+
+# --- User state (issue #13) ----------------------------------------------------------
+# Events about one user: user.<user>.membership (join/leave), user.<user>.read (read
+# markers), user.<user>.mention (someone named them with @user in a room). Stream
+# USERSTATE keeps them (deduplicated on Nats-Msg-Id = the event id); the archive applies
+# membership and read events to Postgres through one durable consumer shared by its
+# replicas; mention events are for other services to consume (push notifications).
+USER_PREFIX = "user"
+USER_ALL = "user.*.*"
+USER_MEMBERSHIP_ALL = "user.*.membership"
+USER_READ_ALL = "user.*.read"
+USER_MENTION_ALL = "user.*.mention"
+STREAM_USERSTATE = "USERSTATE"
+STREAM_USERSTATE_SUBJECTS = [USER_ALL]
+CONSUMER_USERSTATE = "userstate-writer"
+# Live fan-out to a user's other sessions: USERSTATE republishes each stored event to
+# live.user.<user>.<kind> (like CHAT's live.chat.>); every gateway subscribes once.
+LIVE_USER_ALL = "live.user.>"
+# Queries to the archive's user-state service (request/reply, nats micro).
+SERVICE_USERSTATE = "chat-userstate"
+USERSTATE_SUBJECT = "chat.userstate"
+USERSTATE_STATE = "chat.userstate.state"
+USERSTATE_ROOMS = "chat.userstate.rooms"
+USERSTATE_THREADS = "chat.userstate.threads"
+QUEUE_USERSTATE = "userstate"
+# Where the archive parks user-state events it cannot apply (bad bytes, forged user).
+DEAD_LETTER_USERSTATE = "deadletter.userstate"
+
+
+def membership_subject(user: str) -> str:
+    return f"{USER_PREFIX}.{user}.membership"
+
+
+def read_subject(user: str) -> str:
+    return f"{USER_PREFIX}.{user}.read"
+
+
+def mention_subject(user: str) -> str:
+    return f"{USER_PREFIX}.{user}.mention"
+
+
+def parse_user_subject(subject: str) -> tuple[str, str] | None:
+    """(user, kind) for user.<user>.<kind> (with or without the live. prefix)."""
+    parts = subject.removeprefix(LIVE_PREFIX + ".").split(".")
+    if len(parts) == 3 and parts[0] == USER_PREFIX:
+        return (parts[1], parts[2])
+    return None

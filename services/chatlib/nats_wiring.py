@@ -135,6 +135,19 @@ def stream_configs(settings: CommonSettings) -> list[api.StreamConfig]:
             max_age=30 * DAY,
         ),
         api.StreamConfig(
+            name=names.STREAM_USERSTATE,
+            description="User-state events: memberships, read markers, mentions",
+            subjects=names.STREAM_USERSTATE_SUBJECTS,
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            # Applied to Postgres within seconds; kept a week for an archive outage.
+            max_age=7 * DAY,
+            duplicate_window=120.0,
+            max_msg_size=4 * 1024,
+            republish=api.RePublish(src=f"{names.USER_PREFIX}.>", dest=names.LIVE_USER_ALL),
+        ),
+        api.StreamConfig(
             name=names.STREAM_PRESENCE,
             description="Online/offline events, deduplicated per state transition",
             subjects=[names.PRESENCE_EVENTS_ALL],

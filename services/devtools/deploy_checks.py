@@ -116,6 +116,7 @@ ALL_STREAMS = (
     names.STREAM_ARCHIVE,
     names.STREAM_DEAD,
     names.STREAM_PRESENCE,
+    names.STREAM_USERSTATE,
     KV_STREAM_PRESENCE,
 )
 # Streams whose consumers each service may create, read and ack. Everything else is
@@ -123,7 +124,8 @@ ALL_STREAMS = (
 CONSUMES = {
     "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE),
     "presence": (names.STREAM_PRESENCE, KV_STREAM_PRESENCE),
-    "archive": (names.STREAM_ARCHIVE, names.STREAM_DEAD),
+    # USERSTATE: the durable consumer applying events, and reads of its unapplied tail.
+    "archive": (names.STREAM_ARCHIVE, names.STREAM_DEAD, names.STREAM_USERSTATE),
     "rpc": (names.STREAM_CHAT,),  # replays for StreamMessages (ephemeral consumers)
 }
 JS_API_ALL = "$JS.API.>"
@@ -190,11 +192,17 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_MESSAGE,  # who wrote a message (before an edit or delete)
                 names.HISTORY_SEARCH,
                 names.PRESENCE_WHO,  # requests to presence's who-is-online service
+                names.USER_MEMBERSHIP_ALL,  # user-state events, through stream USERSTATE
+                names.USER_READ_ALL,
+                names.USERSTATE_STATE,  # requests to the archive's user-state service
+                names.USERSTATE_ROOMS,
+                names.USERSTATE_THREADS,
                 *jetstream,
             ],
             publish_deny=jetstream_denies("gateway"),
             subscribe_allow=[
                 names.LIVE_ALL,
+                names.LIVE_USER_ALL,
                 names.PRESENCE_EVENTS_ALL,
                 names.TYPING_ALL,
                 INBOX_ALL,
@@ -218,13 +226,21 @@ def nats_permissions() -> dict[str, Permissions]:
             allow_responses=True,
         ),
         "archive": Permissions(
-            publish_allow=[names.DEAD_LETTER_ARCHIVE, *jetstream],
+            publish_allow=[
+                names.DEAD_LETTER_ARCHIVE,
+                names.DEAD_LETTER_USERSTATE,
+                names.USER_MENTION_ALL,  # mention events, through stream USERSTATE
+                *jetstream,
+            ],
             publish_deny=jetstream_denies("archive"),
             subscribe_allow=[
                 names.HISTORY_ROOM,
                 names.HISTORY_DM,
                 names.HISTORY_MESSAGE,
                 names.HISTORY_SEARCH,
+                names.USERSTATE_STATE,
+                names.USERSTATE_ROOMS,
+                names.USERSTATE_THREADS,
                 names.ADVISORY_ARCHIVE_MAX_DELIVERIES,  # tasks JetStream gave up on
                 MICRO_ALL,
                 INBOX_ALL,

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
 
-from gateway import frames, handlers, metrics, recovery
+from gateway import frames, handlers, metrics, recovery, userstate
 from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.fanout import Hub
@@ -56,6 +56,7 @@ class Gateway:
         self.js: JetStreamContext | None = None
         self.hub: Hub | None = None
         self.presence: PresenceLink | None = None
+        self.user_events: userstate.UserEvents | None = None
         self.active: set[asyncio.Task[Any]] = set()
         self.sessions: set[Session] = set()
         self._chat_position: SharedRead[int] | None = None
@@ -66,6 +67,8 @@ class Gateway:
         self.nc, self.js = nc, js
         self.hub = Hub(nc, js)
         await self.hub.start()
+        self.user_events = userstate.UserEvents(nc, self.hub)
+        await self.user_events.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
         self._chat_position = SharedRead(self._read_chat_position)
@@ -95,6 +98,8 @@ class Gateway:
             await asyncio.wait(set(self.active))
 
     async def close(self) -> None:
+        if self.user_events is not None:
+            await self.user_events.stop()
         if self.presence is not None:
             await self.presence.stop()
         if self.hub is not None:
@@ -171,6 +176,9 @@ class Gateway:
         ):
             problems.append(FrameError("bad_frame", "resume_seq must be an integer >= 0"))
             resume = None
+        # The user's stored rooms and counts: one request to the archive (userstate.py).
+        state = await userstate.load_state(deps, session.user, rooms)
+        rooms += [room for room in state.rooms if room not in rooms]
         # Live subscriptions first (buffered in the session), then the snapshot: every
         # message after the snapshot arrives live, everything before it is replayed.
         await deps.hub.add(session, rooms)
@@ -182,19 +190,24 @@ class Gateway:
             log.warning("cannot read the chat log position: %s", exc)
             snapshot = None
         online = await self._online.get()
-        session.push(
-            frames.dumps(
-                {
-                    "type": "welcome",
-                    "v": frames.VERSION,
-                    "user": session.user,
-                    "rooms": sorted(session.rooms),
-                    # Our own connection is reported just after this, so add ourselves.
-                    "online": sorted({*online, session.user}) if online is not None else [],
-                    "seq": snapshot or 0,
-                }
-            )
+        await userstate.store_hello_rooms(deps, session.user, state, sorted(session.rooms))
+        unread = await userstate.welcome_unread(
+            deps, session.user, sorted(session.rooms), state, snapshot
         )
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "v": frames.VERSION,
+            "user": session.user,
+            "rooms": sorted(session.rooms),
+            # Our own connection is reported just after this, so add ourselves.
+            "online": sorted({*online, session.user}) if online is not None else [],
+            "seq": snapshot or 0,
+        }
+        if unread is not None:
+            # Exact up to `seq` (README: "User state"); absent when the archive is down.
+            welcome["unread"] = unread
+            welcome["unread_cap"] = userstate.UNREAD_CAP
+        session.push(frames.dumps(welcome))
         if online is None:
             problems.append(FrameError("presence_unavailable", "who is online is unknown"))
         for problem in problems:

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, lifecycle_frames, metrics
+from gateway import frames, lifecycle_frames, metrics, userstate
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.session import Session
@@ -84,8 +84,16 @@ def _refuse(session: Session, exc: FrameError) -> None:
 # --- rooms -----------------------------------------------------------------------------
 async def handle_join(frame: dict[str, Any], session: Session, deps: Deps) -> None:
     room = frames.room_of(frame, "join")
+    problem = None
+    if room not in session.rooms:
+        try:  # stored first, so the user's other sessions follow (gateway/userstate.py)
+            await userstate.store_membership(deps, session.user, room, True)
+        except FrameError as exc:
+            problem = exc  # joined here all the same; the client may retry the join
     await deps.hub.join(session, room)
     session.push(frames.dumps({"type": "joined", "room": room}))
+    if problem is not None:
+        raise FrameError(problem.code, problem.message, "join")
 
 
 async def handle_leave(frame: dict[str, Any], session: Session, deps: Deps) -> None:
@@ -93,8 +101,16 @@ async def handle_leave(frame: dict[str, Any], session: Session, deps: Deps) -> N
     if room == frames.LOBBY:
         # Everyone is always in the lobby (hello joins it): it cannot be left.
         raise FrameError("bad_room", f"{frames.LOBBY} is always joined and cannot be left", "leave")
+    problem = None
+    if room in session.rooms:
+        try:
+            await userstate.store_membership(deps, session.user, room, False)
+        except FrameError as exc:
+            problem = exc
     await deps.hub.leave(session, room)
     session.push(frames.dumps({"type": "left", "room": room}))
+    if problem is not None:
+        raise FrameError(problem.code, problem.message, "leave")
 
 
 # --- durable send ------------------------------------------------------------------------
@@ -305,6 +321,9 @@ HANDLERS: dict[str, Handler] = {
     "history": handle_history,
     "typing": handle_typing,
     "ping": handle_ping,
+    "read": userstate.handle_read,
+    "rooms": userstate.handle_rooms,
+    "threads": userstate.handle_threads,
 }
 
 

@@ -43,6 +43,9 @@ def _register_optional() -> None:
     from devtools.bench import search_scenarios
 
     SCENARIOS["search"] = search_scenarios.search
+    from devtools.bench import userstate_scenarios
+
+    SCENARIOS["userstate"] = userstate_scenarios.userstate
 
 
 def _parse_url(url: str) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 // textContent only, never innerHTML, so a message can never inject markup.
 
 import * as actions from "./actions.js";
+import * as userstate from "./userstate.js";
 
 const PROTOCOL_VERSION = 1;
 const TYPING_SHOW_MS = 4000; // how long a typing hint stays without a new typing frame
@@ -470,7 +471,7 @@ function connect() {
   }, CONNECT_TIMEOUT_MS);
   ws.addEventListener("open", () => {
     if (state.ws !== ws) return;
-    const hello = { type: "hello", v: PROTOCOL_VERSION, token: state.token, rooms: [...state.rooms] };
+    const hello = { type: "hello", v: PROTOCOL_VERSION, token: state.token, rooms: userstate.helloRooms([...state.rooms]) };
     // After a first welcome we know where we are in the log (possibly 0 for an empty one).
     if (state.seqKnown) hello.resume_seq = state.maxSeq;
     ws.send(JSON.stringify(hello));
@@ -610,6 +611,16 @@ function handleFrame(f) {
       return actions.onReaction(f);
     case "search":
       return actions.onSearch(f);
+    case "membership":
+      return userstate.onMembership(f);
+    case "read":
+      return userstate.onRead(f);
+    case "rooms":
+      return userstate.onRooms(f);
+    case "threads":
+      return userstate.onThreads(f);
+    case "mention":
+      return userstate.onMention(f);
     default:
       return; // newer server, older page: ignore what we do not know
   }
@@ -636,6 +647,7 @@ function onWelcome(f) {
     state.seqKnown = true;
   }
   replayed = 0;
+  userstate.onWelcome(f);
   setStatus("online");
   $("me").textContent = state.user;
   $("me-avatar").replaceWith(Object.assign(avatar(state.user), { id: "me-avatar" }));
@@ -728,7 +740,9 @@ function onMessage(raw, live) {
   replayed += 1;
   const fromOther = m.sender !== state.user;
   const looking = key === state.current && !document.hidden;
-  if (live && key !== state.current && fromOther) t.unread += 1;
+  const fresh = userstate.counts(t, m); // not counted by the welcome yet
+  if (live && key !== state.current && fromOther && fresh) t.unread += 1;
+  if (looking) userstate.markRead(t);
   if (live && fromOther) {
     clearTyping(t, m.sender);
     if (document.hidden) {
@@ -1040,6 +1054,7 @@ function openThread(key, focusComposer = true) {
   const changed = state.current !== key;
   state.current = key;
   const t = thread(key);
+  userstate.opened(t);
   t.unread = 0;
   $("thread-title").textContent = t.kind === "room" ? `# ${t.name}` : `@ ${t.name}`;
   $("thread-title").dataset.thread = key;
@@ -1244,7 +1259,9 @@ function updateThreadItem(li, item) {
     extra += on ? ", online" : ", offline";
   }
   if (unread) extra += `, ${unread} unread`;
+  if (t && !active && t.mentions) extra += `, ${t.mentions} mention${t.mentions === 1 ? "" : "s"}`;
   setText(li.querySelector(".extra"), extra);
+  userstate.decorate(li, t, active);
 }
 
 function createUserItem(item) {
@@ -1284,6 +1301,7 @@ function renderMessages(t) {
     if (p.key === t.key) nodes.push(pendingNode(client_id, p));
   }
   list.replaceChildren(...nodes);
+  userstate.placeDivider(t);
   requestAnimationFrame(() => box.removeAttribute("aria-busy"));
 }
 
@@ -1548,6 +1566,7 @@ function onVisibility() {
     state.hiddenUnread = 0;
     if (state.current) {
       thread(state.current).unread = 0;
+      userstate.markRead(thread(state.current));
       renderSidebar();
     }
     // Coming back to a tab that slept: check the socket now rather than at the next ping.
@@ -1812,4 +1831,17 @@ function init() {
   });
 }
 
+userstate.install({
+  state,
+  thread,
+  send,
+  renderSidebar,
+  openThread,
+  joinRoom,
+  rememberRooms,
+  rememberDms,
+  el,
+  roomKey,
+  dmKey,
+});
 init();
