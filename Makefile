@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install up test test-containers test-chaos lint fmt proto proto-check bench clean
+.PHONY: help install up certs test test-containers test-chaos lint fmt proto proto-check bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP) ## Run the test suite against real NATS and Postgres
 	  echo "NOTE: no Chromium here, so the browser tests (tests/test_browser.py) were skipped:"; \
 	  echo "      sudo apt-get install chromium   (or set CHROMIUM_PATH), then make test again"; \
 	fi; exit $$rc
+
+certs: $(STAMP) ## A local CA, NATS/Postgres certificates and NATS NKeys in .data/tls (TLS compose variant)
+	PYTHONPATH=services $(BIN)/python -m devtools.certs --out .data/tls --for-containers
 
 test-containers: $(STAMP) ## Build the image and run docker-compose.yml for real with podman (root)
 	$(BIN)/python -m devtools.containers

@@ -47,11 +47,14 @@ TEST_GATEWAY_EXPIRY = 5.0
 TEST_ARCHIVE_ACK_WAIT = 5.0
 
 
-def mint_token(user: str, now: float | None = None, secret: str = DEV_SECRET) -> str:
+def mint_token(
+    user: str, now: float | None = None, secret: str = DEV_SECRET, holder: str | None = None
+) -> str:
     """A guest token as the gateway's /api/guest would issue it (or, with another secret or
-    an old `now`, a forged or expired one)."""
+    an old `now`, a forged or expired one). Every token minted for one user here has the
+    same holder (the test plays one person per name), unless `holder` says otherwise."""
     settings = GatewaySettings(guest_secret=secret)
-    token, _ = Authenticator(settings).issue_guest(user, now=now)
+    token, _ = Authenticator(settings).issue_guest(user, now=now, holder=holder or f"t-{user}")
     return token
 
 

@@ -10,17 +10,28 @@ import nats.js.errors
 import pytest
 from chatlib import names, nats_wiring
 from chatlib.settings import CommonSettings
+from devtools import certs
 from devtools import deploy_checks as dc
-from devtools.servers import DEPLOY_NATS_USERS, NatsServer, url_as
+from devtools.servers import DEPLOY_NATS_USERS, NatsServer
 from nats.aio.client import Client as NATS
 
 from tests.waiting import wait_until
 
 
-@pytest.fixture(scope="module")
-def deploy_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """nats-server with deploy/nats/nats.conf and accounts.conf, test passwords."""
-    server = NatsServer.deployed(tmp_path_factory.mktemp("deploy-nats"))
+@pytest.fixture(scope="module", params=["passwords", "tls-nkeys"])
+def deploy_nats(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NatsServer]:
+    """nats-server with deploy/nats/nats.conf and accounts.conf, test passwords; and with
+    deploy/nats/nats-tls.conf and accounts-nkeys.conf (TLS required, one NKey per
+    service): every test below runs against both, so the permissions are the same."""
+    base = tmp_path_factory.mktemp("deploy-nats")
+    if request.param == "passwords":
+        server = NatsServer.deployed(base)
+    else:
+        tls_dir = base / "tls"
+        certs.make_all(tls_dir)
+        server = NatsServer.deployed_tls(base / "nats", tls_dir)
     server.start()
     yield server
     server.stop()
@@ -53,7 +64,7 @@ async def connect(deploy_nats: NatsServer) -> AsyncIterator[object]:
         async def on_error(exc: Exception) -> None:
             errors.append(str(exc))
 
-        nc = await nats.connect(url_as(deploy_nats.url, user), error_cb=on_error)
+        nc = await nats.connect(**deploy_nats.connect_options(user), error_cb=on_error)
         clients.append(nc)
         return User(nc, errors)
 
@@ -68,6 +79,8 @@ async def provision_as(user: User) -> None:
 
 
 async def test_a_wrong_password_is_refused(deploy_nats: NatsServer) -> None:
+    if deploy_nats.tls_dir is not None:
+        pytest.skip("no passwords here: tests/test_nats_tls.py refuses wrong NKeys")
     with pytest.raises(Exception):  # noqa: B017 - nats-py raises several kinds here
         await nats.connect(
             deploy_nats.url.replace("admin:test-admin", "gateway:wrong"),

@@ -219,7 +219,7 @@ def test_k8s_environment_sets_only_real_settings_and_every_required_one(
         env = dc.k8s_container_env(objs, container)
         where = f"{overlay}: {workload['metadata']['name']}"
         assert not set(env) - dc.setting_env_names(svc), where
-        assert not dc.required_env_names(svc) - set(env), where
+        assert not dc.required_env_names(svc, env) - set(env), where
         dc.build_settings(svc, env)  # production validation passes
     assert seen == set(dc.SERVICES)
 
@@ -333,10 +333,19 @@ def test_pods_are_locked_down_with_resources_and_grace_above_the_drain(
 
 
 def test_nats_accounts_config_is_generated_from_the_subject_names() -> None:
-    expected = dc.render_accounts_conf()
-    for path in (ROOT / "deploy/nats/accounts.conf", ROOT / "k8s/base/nats/accounts.conf"):
-        assert path.read_text() == expected, (
-            f"{path} is stale: python -m devtools.deploy_checks accounts > {path}"
+    expected = {
+        "accounts": dc.render_accounts_conf(),
+        "accounts-nkeys": dc.render_accounts_conf("nkey"),
+    }
+    files = {
+        "deploy/nats/accounts.conf": "accounts",
+        "k8s/base/nats/accounts.conf": "accounts",
+        "deploy/nats/accounts-nkeys.conf": "accounts-nkeys",
+        "k8s/overlays/prod/accounts-nkeys.conf": "accounts-nkeys",
+    }
+    for path, kind in files.items():
+        assert (ROOT / path).read_text() == expected[kind], (
+            f"{path} is stale: python -m devtools.deploy_checks {kind} > {path}"
         )
 
 
@@ -347,18 +356,38 @@ def nats_password_env() -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "conf",
-    ["deploy/nats/nats.conf", "k8s/base/nats/nats.conf", "k8s/overlays/prod/nats.conf"],
+    [
+        "deploy/nats/nats.conf",
+        "deploy/nats/nats-tls.conf",
+        "k8s/base/nats/nats.conf",
+        "k8s/overlays/prod/nats.conf",
+    ],
 )
-def test_every_nats_config_parses_with_passwords_from_the_environment(
+def test_every_nats_config_parses_with_credentials_from_the_environment(
     conf: str, tmp_path: Path
 ) -> None:
+    from devtools import certs
     from devtools.servers import nats_server_binary
 
     folder = tmp_path / "etc"
     folder.mkdir()
-    (folder / "nats.conf").write_text((ROOT / conf).read_text())
+    text = (ROOT / conf).read_text()
     (folder / "accounts.conf").write_text((ROOT / "deploy/nats/accounts.conf").read_text())
+    (folder / "accounts-nkeys.conf").write_text(dc.render_accounts_conf("nkey"))
     env = {**os.environ, **nats_password_env(), "POD_NAME": "nats-0"}
+    uses_nkeys = "accounts-nkeys.conf" in text
+    if uses_nkeys:
+        # The certificates it names (cert-manager's file names in k8s, make certs' in
+        # compose) and the public NKeys from the environment.
+        tls = tmp_path / "tls"
+        certs.make_all(tls)
+        for name in ("tls", "nats"):
+            (tls / f"{name}.crt").write_bytes((tls / "nats.crt").read_bytes())
+            (tls / f"{name}.key").write_bytes((tls / "nats.key").read_bytes())
+        text = text.replace("/etc/nats-tls", str(tls)).replace("/etc/nats/tls", str(tls))
+        assert "tls {" in text
+        env.update(line.split("=", 1) for line in (tls / "nkeys.env").read_text().splitlines())
+    (folder / "nats.conf").write_text(text)
     done = subprocess.run(
         [nats_server_binary(), "-c", str(folder / "nats.conf"), "-t"],
         env=env,
@@ -366,8 +395,8 @@ def test_every_nats_config_parses_with_passwords_from_the_environment(
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    # Without a password in the environment the server refuses to start.
-    env.pop(dc.password_env("gateway"))
+    # Without a credential in the environment the server refuses to start.
+    env.pop(certs.nkey_env("gateway") if uses_nkeys else dc.password_env("gateway"))
     done = subprocess.run(
         [nats_server_binary(), "-c", str(folder / "nats.conf"), "-t"],
         env=env,
@@ -375,3 +404,231 @@ def test_every_nats_config_parses_with_passwords_from_the_environment(
         text=True,
     )
     assert done.returncode != 0
+
+
+# --- least privilege ---------------------------------------------------------------------
+
+
+def _namespace(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (namespace,) = dc.find(objs, "Namespace")
+    return namespace
+
+
+def _pod(objs: list[dict[str, Any]], name: str) -> dc.Endpoint:
+    ns = _namespace(objs)["metadata"]["name"]
+    (workload,) = [w for w in dc.workloads(objs) if w["metadata"]["name"] == name]
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    return dc.Endpoint(ns, {"kubernetes.io/metadata.name": ns}, labels)
+
+
+def test_every_workload_meets_the_restricted_pod_security_standard(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    labels = _namespace(objs)["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+    found = dc.workloads(objs)
+    assert {w["metadata"]["name"] for w in found} >= {
+        "gateway", "presence", "archive", "rpc", "nats", "postgres",
+    }  # fmt: skip
+    for workload in found:
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod.get("automountServiceAccountToken") is False, name
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        assert not any("hostPath" in v for v in pod.get("volumes", [])), name
+        pod_sec = pod.get("securityContext", {})
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sec = container.get("securityContext", {})
+            where = (name, container["name"])
+            assert sec.get("runAsNonRoot", pod_sec.get("runAsNonRoot")) is True, where
+            seccomp = sec.get("seccompProfile", pod_sec.get("seccompProfile", {}))
+            assert seccomp.get("type") == "RuntimeDefault", where
+            assert sec.get("allowPrivilegeEscalation") is False, where
+            assert sec.get("privileged") is not True, where
+            assert sec.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sec.get("capabilities", {}).get("add"), where
+
+
+def test_every_workload_is_isolated_by_network_policies(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    policies = dc.find(objs, "NetworkPolicy")
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
+            and not p["spec"].get("egress")]  # fmt: skip
+    assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for workload in dc.workloads(objs):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        own = [
+            p["metadata"]["name"]
+            for p in policies
+            if p["spec"]["podSelector"]
+            and dc.label_selector_matches(p["spec"]["podSelector"], labels)
+        ]
+        assert own, f"no NetworkPolicy of its own selects {workload['metadata']['name']}"
+
+
+ALLOWED_PATHS = [
+    ("ingress-nginx", "gateway", 8000),
+    ("gateway", "nats", 4222),
+    ("presence", "nats", 4222),
+    ("archive", "nats", 4222),
+    ("rpc", "nats", 4222),
+    ("nats", "nats", 6222),
+    ("archive", "postgres", 5432),
+    ("gateway", "internet", 443),  # the OIDC provider's JWKS
+]
+DENIED_PATHS = [
+    ("gateway", "postgres", 5432),
+    ("presence", "postgres", 5432),
+    ("rpc", "postgres", 5432),
+    ("ingress-nginx", "nats", 4222),
+    ("ingress-nginx", "postgres", 5432),
+    ("elsewhere", "gateway", 8000),
+    ("elsewhere", "nats", 4222),
+    ("gateway", "nats", 6222),
+    ("gateway", "presence", 8081),
+    ("presence", "internet", 443),
+    ("archive", "internet", 443),
+    ("postgres", "internet", 443),
+    ("nats", "internet", 443),
+]
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "port", "allowed"),
+    [(*p, True) for p in ALLOWED_PATHS] + [(*p, False) for p in DENIED_PATHS],
+)
+def test_network_policies_allow_exactly_the_paths_the_system_uses(
+    rendered: tuple[str, list[dict[str, Any]]], src: str, dst: str, port: int, allowed: bool
+) -> None:
+    _, objs = rendered
+    outside = {
+        "ingress-nginx": dc.Endpoint(
+            "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"}, {"app": "x"}
+        ),
+        "elsewhere": dc.Endpoint("other", {"kubernetes.io/metadata.name": "other"}, {}),
+        "internet": None,
+    }
+    ends = [outside[n] if n in outside else _pod(objs, n) for n in (src, dst)]
+    policies = dc.find(objs, "NetworkPolicy")
+    assert dc.network_allows(policies, ends[0], ends[1], port) is allowed
+
+
+def _quantity(value: str | int) -> float:
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+def test_the_resource_quota_fits_every_autoscaler_at_its_maximum(
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objs = rendered
+    (quota,) = dc.find(objs, "ResourceQuota")
+    hard = quota["spec"]["hard"]
+    most = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["maxReplicas"]
+            for h in dc.find(objs, "HorizontalPodAutoscaler")}  # fmt: skip
+    totals = {"pods": 0.0, "requests.cpu": 0.0, "requests.memory": 0.0,
+              "limits.cpu": 0.0, "limits.memory": 0.0}  # fmt: skip
+    for workload in dc.workloads(objs):
+        name = workload["metadata"]["name"]
+        replicas = most.get(name, workload["spec"].get("replicas", 1))
+        # A rolling update runs one pod more (maxSurge 1).
+        pods = replicas + 1
+        totals["pods"] += pods
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            res = container["resources"]
+            for kind in ("requests", "limits"):
+                for what in ("cpu", "memory"):
+                    totals[f"{kind}.{what}"] += pods * _quantity(res[kind][what])
+    for key, total in totals.items():
+        assert total <= _quantity(hard[key]), (key, total, hard[key])
+
+
+def test_prod_speaks_tls_with_verified_peers_and_nkeys_everywhere() -> None:
+    import fnmatch
+    import urllib.parse
+
+    objs = render("prod")
+    certificates = {c["spec"]["secretName"]: c["spec"] for c in dc.find(objs, "Certificate")}
+    nats_names = certificates["nats-tls"]["dnsNames"]
+    for svc, workload, container in dc.k8s_service_containers(objs):
+        env = dc.k8s_container_env(objs, container)
+        prefix = dc.env_prefix(svc)
+        name = workload["metadata"]["name"]
+        assert f"{prefix}NATS_PASSWORD" not in env, name
+        assert env[f"{prefix}NATS_NKEY_SEED"].startswith("SU"), name  # a user NKey seed
+        ca = env[f"{prefix}NATS_TLS_CA_FILE"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = next(
+            v for v in workload["spec"]["template"]["spec"]["volumes"]
+            if v["name"] == mounts[str(Path(ca).parent)]
+        )  # fmt: skip
+        # Only ca.crt of the NATS certificate's Secret: never its private key.
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": Path(ca).name}], name
+        # Each server the service dials is named in the NATS certificate (verify-full).
+        for url in env[f"{prefix}NATS_SERVERS"].split(","):
+            host = urllib.parse.urlsplit(url).hostname or ""
+            assert any(fnmatch.fnmatch(host, pattern) for pattern in nats_names), host
+        settings = dc.build_settings(svc, env)
+        if svc in ("gateway", "rpc"):  # the doors users come in by: no guests in prod
+            assert settings.auth_mode == "oidc", svc  # type: ignore[attr-defined]
+        if svc == "archive":
+            url = urllib.parse.urlsplit(env["ARCHIVE_DATABASE_URL"])
+            query = urllib.parse.parse_qs(url.query)
+            assert query["sslmode"] == ["verify-full"] and query["sslrootcert"] == [ca]
+            assert any(fnmatch.fnmatch(url.hostname or "", n)
+                       for n in certificates["postgres-tls"]["dnsNames"])  # fmt: skip
+    (nats,) = dc.find(objs, "StatefulSet", "nats")
+    nats_container = nats["spec"]["template"]["spec"]["containers"][0]
+    assert not [e for e in nats_container["env"] if e["name"].endswith("_PASSWORD")]
+    conf = dc.find(objs, "ConfigMap", "nats-config")[0]["data"]["nats.conf"]
+    assert conf.count("tls {") == 2 and "verify: true" in conf  # clients and routes
+    assert "include ./accounts-nkeys.conf" in conf
+    (postgres,) = dc.find(objs, "StatefulSet", "postgres")
+    args = postgres["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "ssl=on" in args
+    hba = dc.find(objs, "ConfigMap", "postgres-hba")[0]["data"]["pg_hba.conf"]
+    network = [line.split()[0] for line in hba.splitlines() if line and not line.startswith("#")
+               and "127.0.0.1" not in line and not line.startswith("local")]  # fmt: skip
+    assert network == ["hostssl"]
+
+
+def test_the_tls_compose_variant_gives_every_service_an_nkey_and_the_ca(tmp_path: Path) -> None:
+    """docker-compose.tls.yml over docker-compose.yml: the merged environment of each
+    service is valid production settings with an NKey seed and the CA, every file it
+    mounts from .data/tls is one `make certs` writes, and the archive verifies Postgres."""
+    from devtools import certs
+
+    env_example = dc.parse_env_file(ROOT / ".env.example")
+    tls_compose = yaml.safe_load(
+        dc.interpolate((ROOT / "docker-compose.tls.yml").read_text(), env_example)
+    )
+    base = compose_with_example_env()
+    certs.make_all(tmp_path / "tls")
+    written = {str(p.relative_to(tmp_path / "tls")) for p in (tmp_path / "tls").rglob("*")}
+    for name, definition in tls_compose["services"].items():
+        for volume in definition.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./.data/tls"):
+                rel = source.removeprefix("./.data/tls").lstrip("/")
+                assert not rel or rel in written, (name, source)
+            else:
+                assert (ROOT / source).exists(), (name, source)
+    for name, (svc, definition) in dc.compose_services(base).items():
+        env = {**dc.compose_env(definition), **dc.compose_env(tls_compose["services"][name])}
+        prefix = dc.env_prefix(svc)
+        assert env[f"{prefix}NATS_NKEY_SEED_FILE"] == "/run/natschat/nkey", name
+        assert env[f"{prefix}NATS_TLS_CA_FILE"] == "/run/natschat/ca.crt", name
+        assert not set(env) - dc.setting_env_names(svc), name
+        dc.build_settings(svc, env)
+        if svc == "archive":
+            assert "sslmode=verify-full" in env["ARCHIVE_DATABASE_URL"]
+    nats = tls_compose["services"]["nats"]
+    assert "./deploy/nats/nats-tls.conf:/etc/nats/nats.conf:ro" in nats["volumes"]

@@ -184,13 +184,25 @@ async def new_person(
     *,
     viewport: tuple[int, int] = (1100, 760),
     sign_in: bool = True,
+    token: str | None = None,
     **context_options: Any,
 ) -> Person:
+    """A person in a browser context of their own, signed in as `name` (a free guest
+    name) or, with `token`, as the user of that token: another device of someone signed
+    in already (a guest name is held by its first holder, so a second device of a guest
+    carries the guest's token rather than asking for the name again)."""
     context = await browser.new_context(
         viewport={"width": viewport[0], "height": viewport[1]}, **context_options
     )
     await context.add_init_script(INIT_SCRIPT)
     person = Person(name or unique("u"), await context.new_page())
+    if token is not None:
+        seed = f"sessionStorage.setItem('natschat.token', {json.dumps(token)});"
+        seed += f"sessionStorage.setItem('natschat.user', {json.dumps(person.name)});"
+        await context.add_init_script(seed)
+        await person.page.goto(page_url(system))
+        await person.page.wait_for_selector("#status[data-state=online]", timeout=WAIT_MS)
+        return person
     await person.page.goto(page_url(system))
     if sign_in:
         await person.page.fill("#name", person.name)

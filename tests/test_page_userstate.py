@@ -24,6 +24,11 @@ def room_item(person: test_page.Person, room: str) -> Any:
     return person.page.locator(f'#rooms li[data-room="{room}"]')
 
 
+async def session_token(person: Any) -> str:
+    """The token a signed-in page holds (what a guest's other device needs)."""
+    return str(await person.page.evaluate("sessionStorage.getItem('natschat.token')"))
+
+
 async def test_two_devices_of_one_user_agree_on_rooms_badges_and_the_divider(
     browser: Any, system: ChatSystem, axe_source: str
 ) -> None:
@@ -31,7 +36,7 @@ async def test_two_devices_of_one_user_agree_on_rooms_badges_and_the_divider(
 
     name, room = unique("ann"), unique("r")
     phone = await new_person(browser, system, name)
-    laptop = await new_person(browser, system, name)
+    laptop = await new_person(browser, system, name, token=await session_token(phone))
     bob = await new_person(browser, system)
     try:
         # Join on the phone: the laptop shows the room without a reload.
@@ -89,10 +94,12 @@ async def test_a_new_device_shows_the_servers_rooms_dm_threads_and_unread_counts
         await expect(first.page.locator(f'#dms li[data-peer="{bob.name}"]')).to_have_count(
             1, timeout=WAIT_MS
         )
+        token = await session_token(first)
         await first.context.close()
         await bob.page.click(f'#rooms li[data-room="{room}"] .thread-button')
         await bob.say("while you were away")
-        fresh = await new_person(browser, system, name)  # no localStorage of its own
+        # No localStorage of its own; the guest's token (a guest's devices share it).
+        fresh = await new_person(browser, system, name, token=token)
         await expect(room_item(fresh, room)).to_have_count(1, timeout=WAIT_MS)
         await expect(room_item(fresh, room).get_by_test_id("unread")).to_have_text(
             "1", timeout=WAIT_MS

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 from devtools.servers import PostgresServer
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,6 +27,7 @@ MAX_CONTENT = 1000
 MAX_FRAME = 4000
 HARD_FRAME = 16000
 RATE, BURST, ABUSE = 20, 10, 15
+GUEST_HOLD = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,8 @@ async def run(
         "GATEWAY_RATE_BURST": str(BURST),
         "GATEWAY_ABUSE_MAX_VIOLATIONS": str(ABUSE),
         "GATEWAY_ALLOWED_ORIGINS": "https://chat.example",
+        # Guest names lapse quickly once their holder has gone (the default is 60 s).
+        "GATEWAY_GUEST_HOLD": str(GUEST_HOLD),
     }
     async with system_run(
         tmp_path_factory.mktemp("security"),
@@ -47,7 +51,8 @@ async def run(
         gateways=2,
         archives=1,
         presences=1,
-        extra_env={"gateway": gateway_env},
+        rpcs=1,
+        extra_env={"gateway": gateway_env, "rpc": {"RPC_GUEST_HOLD": str(GUEST_HOLD)}},
     ) as running:
         yield running
 
@@ -238,3 +243,168 @@ async def test_a_flood_is_rate_limited_then_closed_1008_while_others_chat_on(
     await heidi.next("message", id=ack["id"])
     for peer in (grace, heidi):
         await peer.ws.close()
+
+
+# --- guest names: nobody speaks as a guest who is online ---------------------------------
+
+
+def ask_guest_name(run: SystemRun, index: int, name: str) -> tuple[int, dict[str, Any]]:
+    """POST /api/guest on gateway `index`: (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    url = run.ws_url(index).replace("ws://", "http://").removesuffix("/ws") + "/api/guest"
+    request = urllib.request.Request(
+        url, data=json.dumps({"name": name}).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_a_second_guest_cannot_take_a_live_users_name(run: SystemRun) -> None:
+    status, first = await asyncio.to_thread(ask_guest_name, run, 0, "ivy")
+    assert status == 200
+    ivy = await join(run.ws_url(0), "ivy", token=first["token"])
+    # Another person asks for the same name, on either gateway: refused, with the code.
+    for index in (0, 1):
+        status, body = await asyncio.to_thread(ask_guest_name, run, index, "ivy")
+        assert (status, body["error"]["code"]) == (409, "name_taken"), body
+    # A valid guest token for ivy bound to another reservation (say, from someone who
+    # held the name yesterday) cannot open a socket as ivy while she holds it.
+    old = mint_token("ivy", holder="yesterdays-ivy")
+    frame, code = await refused_hello(run.ws_url(1), old)
+    assert (frame["code"], code) == ("name_taken", 4401)
+    # Her own token works on every gateway (a second tab), and nothing she sees changed.
+    second_tab = await join(run.ws_url(1), "ivy", token=first["token"])
+    assert second_tab.welcome["user"] == "ivy"
+    await ivy.send({"type": "send", "room": "lobby", "content": "still me", "client_id": "i1"})
+    ack = await ivy.next("ack", client_id="i1")
+    assert (await second_tab.next("message", id=ack["id"]))["sender"] == "ivy"
+    # The name stays held while she is connected, well past the hold time: every attempt
+    # over two hold periods is refused (the gateways refresh her reservation).
+    deadline = time.monotonic() + 2 * GUEST_HOLD + 1
+    attempts = 0
+    while time.monotonic() < deadline:
+        status, body = await asyncio.to_thread(ask_guest_name, run, attempts % 2, "ivy")
+        assert status == 409, body
+        attempts += 1
+        await asyncio.sleep(0.25)  # pacing the attempts, not waiting for a condition
+    assert attempts > 4
+    await ivy.ws.close()
+    await second_tab.ws.close()
+
+
+async def test_a_guest_name_is_free_again_after_its_holder_left_and_their_token_is_not(
+    run: SystemRun,
+) -> None:
+    status, first = await asyncio.to_thread(ask_guest_name, run, 0, "jack")
+    assert status == 200
+    jack = await join(run.ws_url(0), "jack", token=first["token"])
+    await jack.ws.close()
+
+    # Once the hold time has passed without any socket of his, someone else may have it.
+    async def free() -> dict[str, Any] | None:
+        status, body = await asyncio.to_thread(ask_guest_name, run, 1, "jack")
+        return body if status == 200 else None
+
+    second = await wait_until(free, "jack free again", timeout=GUEST_HOLD * 4)
+    other = await join(run.ws_url(1), "jack", token=second["token"])
+    # The first jack's token (still unexpired) no longer makes him jack: not on a socket,
+    # not through the gRPC door either.
+    frame, code = await refused_hello(run.ws_url(0), first["token"])
+    assert (frame["type"], frame["code"], code) == ("error", "name_taken", 4401)
+    status, details = await grpc_send(run, first["token"], "lobby", "i am jack")
+    assert status == grpc.StatusCode.UNAUTHENTICATED and "name_taken" in details
+    # The new jack's token works there.
+    status, _ = await grpc_send(run, second["token"], "lobby", "the real jack")
+    assert status == grpc.StatusCode.OK
+    await other.ws.close()
+
+
+async def grpc_send(run: SystemRun, token: str, room: str, content: str) -> tuple[Any, str]:
+    """SendMessage through the rpc service with `token`: (status code, details)."""
+    from tests.reference_protobuf import official
+
+    ref = official()
+    async with grpc.aio.insecure_channel(run.system.grpc_addresses()[0]) as channel:
+        request = ref.ChatMessage(room=room, content=content, client_id=f"g-{time.time()}")
+        try:
+            await ref.ChatServiceStub(channel).SendMessage(
+                request, metadata=[("authorization", f"Bearer {token}")], timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_guest_tokens_without_a_reservation_are_refused(run: SystemRun) -> None:
+    import jwt
+
+    from tests.system_fixtures import DEV_SECRET
+
+    unbound = jwt.encode(
+        {"sub": "kim", "iss": "natschat-guest", "exp": int(time.time()) + 600},
+        DEV_SECRET,
+        "HS256",
+    )
+    frame, code = await refused_hello(run.ws_url(0), unbound)
+    assert (frame["code"], code) == ("unauthorized", 4401)
+    assert "reservation" in frame["message"]
+
+
+async def test_a_socket_is_closed_with_4401_when_its_token_expires_unless_renewed(
+    run: SystemRun,
+) -> None:
+    now = time.time()
+    # Tokens that expire in 6 s (issued 24 h - 6 s ago with the default lifetime).
+    short = mint_token("liam", now=now - 24 * 3600 + 6)
+    liam = await join(run.ws_url(0), "liam", token=short)
+    mia_short = mint_token("mia", now=now - 24 * 3600 + 6)
+    mia = await join(run.ws_url(0), "mia", token=mia_short)
+    # mia sends a fresh token in time: confirmed, and her socket lives on.
+    await mia.send({"type": "auth", "token": mint_token("mia")})
+    confirmed = await mia.next("auth")
+    assert confirmed["user"] == "mia" and confirmed["expires_at"] > (now + 3600) * 1000
+    # Bad renewals are refused and change nothing: another user's token, garbage.
+    await mia.send({"type": "auth", "token": mint_token("liam")})
+    assert (await mia.next("error", ref="auth"))["code"] == "unauthorized"
+    await mia.send({"type": "auth", "token": "garbage"})
+    assert (await mia.next("error", ref="auth"))["code"] == "unauthorized"
+    # liam did not: told why, then closed with 4401.
+    err = await liam.next("error", timeout=20, code="unauthorized")
+    assert "expired" in err["message"]
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(liam.ws.recv(), 5)
+    assert liam.ws.close_code == 4401
+    # mia is still served after liam's token (and her first one) expired.
+    await mia.send({"type": "ping"})
+    await mia.next("pong")
+    await mia.ws.close()
+
+
+async def test_every_page_response_carries_the_security_headers(run: SystemRun) -> None:
+    import urllib.request
+
+    base = run.ws_url(0).replace("ws://", "http://").removesuffix("/ws")
+    for path, https in (("/", False), ("/static/app.js", False), ("/", True)):
+        request = urllib.request.Request(base + path)
+        if https:  # as the TLS-terminating proxy forwards it
+            request.add_header("X-Forwarded-Proto", "https")
+        headers = await asyncio.to_thread(_response_headers, request)
+        csp = headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        assert ("Strict-Transport-Security" in headers) == https
+
+
+def _response_headers(request: Any) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return resp.headers

@@ -215,7 +215,7 @@ class UserStateService:
         while not self.stopping and self.sub is not None:
             try:
                 msgs = await self.sub.fetch(BATCH, timeout=self.settings.fetch_timeout)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py's own or the plain one: see worker.fetch
                 continue
             except Exception as exc:
                 log.debug("user-state fetch failed: %s", exc)

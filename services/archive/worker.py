@@ -87,9 +87,10 @@ class ArchiveWorker:
             return await self.sub.fetch(
                 self.settings.batch_size, timeout=self.settings.fetch_timeout
             )
-        except (nats.errors.TimeoutError, TimeoutError):
-            # Nothing to do, or NATS is reconnecting: ask again. (nats-py raises its own
-            # TimeoutError, or a bare asyncio one when the connection drops mid-fetch.)
+        except TimeoutError:
+            # nats-py raises its own TimeoutError (a subclass) when the server says the
+            # fetch expired, the plain one when its own deadline comes first (a loaded
+            # machine, NATS going away): both mean nothing to do now, ask again.
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(0.2)

@@ -2,11 +2,23 @@
 
 Either way the result is one validated user name: the sender of everything the connection
 does (a gateway socket, a gRPC call). One implementation for every door into the system.
+
+Three modes (settings.auth_mode):
+- guest: the gateway signs a token for a name it has reserved (see chatlib.guest_names);
+  the token's `jti` names that reservation, so the token is only good while it holds it.
+- jwt: a static key (HS256 secret or RS256 public key) from the operator.
+- oidc: an OpenID Connect provider; its signing keys come from its JWKS (found through
+  discovery) and rotate: an unknown `kid` refetches the key set, at most once per
+  `oidc_jwks_cooldown` seconds, so forged `kid`s cannot make us hammer the provider.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
+import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -15,37 +27,76 @@ from chatlib import validate
 from chatlib.settings import ClientSettings
 
 GUEST_ISSUER = "natschat-guest"
+# Asymmetric algorithms an OIDC provider may sign ID/access tokens with. Never "none" or
+# HS*: a public key must never be usable as an HMAC secret (algorithm confusion).
+OIDC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
 
 
 class AuthError(Exception):
     """A missing, malformed, forged or expired token."""
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a valid token speaks for, and until when."""
+
+    user: str
+    expires_at: float  # the token's exp, seconds since the epoch
+    # Guest tokens: the name reservation (jti) the token is bound to; "" otherwise.
+    holder: str = ""
+
+
 class Authenticator:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
+        self._jwks: jwt.PyJWKClient | None = None
 
-    def issue_guest(self, name: str, now: float | None = None) -> tuple[str, int]:
-        """A signed guest token for `name` (already validated) and its expiry in ms."""
+    def issue_guest(
+        self, name: str, now: float | None = None, holder: str | None = None
+    ) -> tuple[str, int]:
+        """A signed guest token for `name` (already validated and reserved for `holder`)
+        and its expiry in ms. A new holder id unless one is given."""
         now = time.time() if now is None else now
         exp = int(now + self.settings.guest_token_ttl)
-        claims = {"sub": name, "iss": GUEST_ISSUER, "iat": int(now), "exp": exp}
+        claims = {
+            "sub": name,
+            "iss": GUEST_ISSUER,
+            "iat": int(now),
+            "exp": exp,
+            "jti": holder or new_holder(),
+        }
         token = jwt.encode(claims, self.settings.guest_secret, algorithm="HS256")
         return token, exp * 1000
 
     def verify(self, token: object) -> str:
         """The token's user; AuthError for anything not valid right now."""
+        return self.identify(token).user
+
+    def identify(self, token: object) -> Identity:
+        """The token's identity; AuthError for anything not valid right now. In oidc mode
+        this may fetch the provider's keys (blocking): call it from a thread."""
         if not isinstance(token, str) or not token:
             raise AuthError("missing token")
         try:
             claims = self._decode(token)
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from exc
-        user = claims.get("preferred_username") or claims.get("sub")
+        s = self.settings
+        if s.auth_mode == "oidc":
+            user = claims.get(s.oidc_username_claim)
+            if user is None:
+                raise AuthError(f"token has no {s.oidc_username_claim!r} claim")
+        else:
+            user = claims.get("preferred_username") or claims.get("sub")
         if not validate.is_valid_name(user):
             raise AuthError(f"token user is not a valid name ({validate.NAME_RULE})")
         assert isinstance(user, str)
-        return user
+        holder = ""
+        if s.auth_mode == "guest":
+            holder = claims.get("jti") or ""
+            if not isinstance(holder, str) or not holder:
+                raise AuthError("guest token is not bound to a name reservation (no jti)")
+        return Identity(user, float(claims["exp"]), holder)
 
     def has_role(self, token: object, role: str) -> bool:
         """Whether a valid identity-provider JWT carries `role` in its `roles` claim (a
@@ -70,6 +121,17 @@ class Authenticator:
             return jwt.decode(
                 token, s.guest_secret, algorithms=["HS256"], issuer=GUEST_ISSUER, options=options
             )
+        if s.auth_mode == "oidc":
+            signing_key = self._jwks_client().get_signing_key_from_jwt(token)
+            return jwt.decode(
+                token,
+                signing_key,
+                algorithms=OIDC_ALGORITHMS,
+                issuer=s.oidc_issuer,
+                audience=s.oidc_audience or s.oidc_client_id,
+                leeway=s.oidc_leeway,
+                options={"require": ["exp", "iss", "aud"]},
+            )
         key = s.jwt_secret if s.jwt_algorithm == "HS256" else s.jwt_public_key
         if not key:
             raise AuthError("jwt auth is not configured")
@@ -81,3 +143,34 @@ class Authenticator:
             audience=s.jwt_audience or None,
             options={**options, "verify_aud": bool(s.jwt_audience)},
         )
+
+    def _jwks_client(self) -> jwt.PyJWKClient:
+        if self._jwks is None:
+            s = self.settings
+            uri = s.oidc_jwks_uri or discover(s.oidc_issuer, s.request_timeout * 5)["jwks_uri"]
+            self._jwks = jwt.PyJWKClient(
+                uri,
+                cache_jwk_set=True,
+                lifespan=s.oidc_jwks_lifespan,
+                cooldown_duration=s.oidc_jwks_cooldown,
+                timeout=s.request_timeout * 5,
+            )
+        return self._jwks
+
+
+def discover(issuer: str, timeout: float) -> dict[str, Any]:
+    """The provider's OpenID configuration (its endpoints, among them jwks_uri)."""
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            config: dict[str, Any] = json.load(resp)
+    except (OSError, ValueError) as exc:
+        raise AuthError(f"cannot read the provider's discovery document: {exc}") from exc
+    if config.get("issuer") != issuer or "jwks_uri" not in config:
+        raise AuthError("the provider's discovery document does not match the issuer")
+    return config
+
+
+def new_holder() -> str:
+    """An unguessable id for one guest's name reservation."""
+    return secrets.token_urlsafe(18)

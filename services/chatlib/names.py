@@ -57,6 +57,11 @@ PRESENCE_EVENTS_ALL = "presence.event.>"
 STREAM_PRESENCE = "PRESENCE"
 KV_PRESENCE = "presence"
 
+# --- Guest names -----------------------------------------------------------------------
+# Guest name reservations: key <name>, value the holder id (the guest token's jti).
+# Gateways write and refresh them; an entry unrefreshed for the bucket's max age lapses.
+KV_GUEST_NAMES = "guest-names"
+
 # --- Micro services (request/reply) --------------------------------------------------
 SERVICE_HISTORY = "chat-history"
 HISTORY_SUBJECT = "chat.history"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 import nats
@@ -82,11 +83,7 @@ async def connect(
         "error_cb": error,
         "allow_reconnect": True,
     }
-    if settings.nats_creds:
-        options["user_credentials"] = settings.nats_creds
-    elif settings.nats_user:
-        options["user"] = settings.nats_user
-        options["password"] = settings.nats_password
+    options.update(security_options(settings))
     # The first connect also retries: services may start before NATS in compose or k8s.
     delay = 0.2
     while True:
@@ -96,6 +93,29 @@ async def connect(
             log.warning("nats not reachable yet (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def security_options(settings: CommonSettings) -> dict[str, object]:
+    """Who we are on NATS (NKey seed, .creds file or user/password) and TLS: with a CA
+    file the connection is TLS and the server's certificate must chain to that CA and
+    name the host we dial (no fallback to plaintext)."""
+    options: dict[str, object] = {}
+    if settings.nats_nkey_seed:
+        options["nkeys_seed_str"] = settings.nats_nkey_seed
+    elif settings.nats_nkey_seed_file:
+        options["nkeys_seed"] = settings.nats_nkey_seed_file
+    elif settings.nats_creds:
+        options["user_credentials"] = settings.nats_creds
+    elif settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_tls_ca_file:
+        context = ssl.create_default_context(cafile=settings.nats_tls_ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.nats_tls_cert_file:
+            context.load_cert_chain(settings.nats_tls_cert_file, settings.nats_tls_key_file or None)
+        options["tls"] = context
+    return options
 
 
 def stream_configs(settings: CommonSettings) -> list[api.StreamConfig]:

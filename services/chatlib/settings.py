@@ -27,6 +27,15 @@ class CommonSettings(BaseSettings):
     nats_user: str = ""
     nats_password: str = ""
     nats_creds: str = ""  # path to a .creds file (JWT auth), instead of user/password
+    # NKey auth (Ed25519; the prod overlay and the TLS compose variant): path to this
+    # service's seed file, instead of user/password. The server knows only the public key.
+    nats_nkey_seed_file: str = ""
+    nats_nkey_seed: str = ""  # the seed itself (e.g. from a Kubernetes Secret), instead
+    # TLS to NATS: the CA that signed the servers' certificates (the client verifies the
+    # server against it and refuses anything else), and optionally a client certificate.
+    nats_tls_ca_file: str = ""
+    nats_tls_cert_file: str = ""
+    nats_tls_key_file: str = ""
     log_level: str = "INFO"
     # How long SIGTERM waits for in-flight work before draining NATS anyway. Keep
     # Kubernetes' terminationGracePeriodSeconds above this.
@@ -58,8 +67,12 @@ class CommonSettings(BaseSettings):
 
     def check_production(self) -> None:
         """Raise ValueError for defaults that are fine on a laptop but unsafe in production."""
-        if not (self.nats_user or self.nats_creds):
-            raise ValueError("production needs NATS credentials (nats_user or nats_creds)")
+        if not (
+            self.nats_user or self.nats_creds or self.nats_nkey_seed_file or self.nats_nkey_seed
+        ):
+            raise ValueError(
+                "production needs NATS credentials (nats_user, nats_creds or nats_nkey_seed_file)"
+            )
 
 
 DEV_SECRET = "dev-only-insecure-secret-change-me"
@@ -70,11 +83,34 @@ class ClientSettings(CommonSettings):
     service's gRPC): how tokens are verified, and the limits each user gets. Same values
     everywhere, so a user meets one set of rules whichever door they come in by."""
 
-    # guest: pick a name, get a token signed with guest_secret (development).
-    # jwt: verify tokens from the operator's identity provider (production).
-    auth_mode: Literal["guest", "jwt"] = "guest"
+    # guest: pick a free name, get a token signed with guest_secret (development; in
+    #   production only with guest_in_production, e.g. a public demo).
+    # jwt: verify tokens signed with a static key from the operator's identity provider.
+    # oidc: sign-in with an OpenID Connect provider; keys from its JWKS, rotating.
+    auth_mode: Literal["guest", "jwt", "oidc"] = "guest"
     guest_secret: str = DEV_SECRET
     guest_token_ttl: float = Field(default=24 * 3600.0, gt=0)
+    # Guest mode lets anyone pick any free name: production refuses it unless this says
+    # the operator means it.
+    guest_in_production: bool = False
+    # A guest name stays reserved for its holder while any of their sockets is open, and
+    # this many seconds after the last one closes (chatlib.guest_names). Same everywhere.
+    guest_hold: float = Field(default=60.0, gt=0)
+    # OIDC: the issuer (discovery at <issuer>/.well-known/openid-configuration), the
+    # page's client id (also the expected audience unless oidc_audience says otherwise),
+    # and the claim that holds the user name (validated against our name rule).
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_audience: str = ""
+    oidc_username_claim: str = "preferred_username"
+    oidc_scopes: str = "openid profile offline_access"
+    oidc_jwks_uri: str = ""  # default: the provider's discovery document says
+    # Clock skew tolerated on exp/nbf/iat, seconds.
+    oidc_leeway: float = Field(default=30.0, ge=0)
+    # The key set is cached this long; an unknown kid refetches it at most once per
+    # cooldown (rotation is picked up, forged kids cannot make us hammer the provider).
+    oidc_jwks_lifespan: float = Field(default=300.0, gt=0)
+    oidc_jwks_cooldown: float = Field(default=5.0, ge=0)
     jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
     jwt_secret: str = ""  # HS256
     jwt_public_key: str = ""  # RS256, PEM
@@ -94,7 +130,16 @@ class ClientSettings(CommonSettings):
     def check_production(self) -> None:
         super().check_production()
         prefix = str(self.model_config.get("env_prefix", ""))
+        if self.auth_mode == "guest" and not self.guest_in_production:
+            raise ValueError(
+                "production refuses guest auth (anyone can pick any free name): use oidc "
+                f"or jwt, or set {prefix}GUEST_IN_PRODUCTION=true to mean it"
+            )
         if self.auth_mode == "guest" and self.guest_secret == DEV_SECRET:
             raise ValueError(f"production with guest auth needs {prefix}GUEST_SECRET")
+        if self.auth_mode == "oidc" and not (self.oidc_issuer and self.oidc_client_id):
+            raise ValueError(f"oidc auth needs {prefix}OIDC_ISSUER and {prefix}OIDC_CLIENT_ID")
+        if self.auth_mode == "oidc" and not self.oidc_issuer.startswith("https://"):
+            raise ValueError(f"production needs an https:// {prefix}OIDC_ISSUER")
         if self.auth_mode == "jwt" and not (self.jwt_secret or self.jwt_public_key):
             raise ValueError(f"jwt auth needs {prefix}JWT_SECRET or {prefix}JWT_PUBLIC_KEY")

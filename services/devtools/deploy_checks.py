@@ -72,7 +72,11 @@ def setting_env_names(service: str) -> set[str]:
 
 # What a deployment must set for the service to work outside a laptop: where NATS is and
 # who we are on it, production mode, plus each service's own must-haves.
-REQUIRED_COMMON = ("environment", "nats_servers", "nats_user", "nats_password")
+REQUIRED_COMMON = ("environment", "nats_servers")
+# Who the service is on NATS: a user and password (dev, compose), or an NKey seed with the
+# CA that verifies the servers (prod: NKeys over TLS).
+NATS_IDENTITY_PASSWORD = ("nats_user", "nats_password")
+NATS_IDENTITY_NKEY = ("nats_nkey_seed", "nats_tls_ca_file")
 REQUIRED_EXTRA = {
     "gateway": ("allowed_origins",),
     "presence": (),
@@ -81,9 +85,12 @@ REQUIRED_EXTRA = {
 }
 
 
-def required_env_names(service: str) -> set[str]:
+def required_env_names(service: str, env: dict[str, str] | None = None) -> set[str]:
+    """What `env` must set; its NATS identity is an NKey when it sets a seed."""
     prefix = env_prefix(service)
-    fields = (*REQUIRED_COMMON, *REQUIRED_EXTRA[service])
+    nkey = f"{prefix}NATS_NKEY_SEED".upper() in (env or {})
+    identity = NATS_IDENTITY_NKEY if nkey else NATS_IDENTITY_PASSWORD
+    fields = (*REQUIRED_COMMON, *identity, *REQUIRED_EXTRA[service])
     return {f"{prefix}{name}".upper() for name in fields}
 
 
@@ -111,6 +118,7 @@ class Permissions:
 
 
 KV_STREAM_PRESENCE = f"KV_{names.KV_PRESENCE}"
+KV_STREAM_GUEST_NAMES = f"KV_{names.KV_GUEST_NAMES}"
 ALL_STREAMS = (
     names.STREAM_CHAT,
     names.STREAM_ARCHIVE,
@@ -118,6 +126,7 @@ ALL_STREAMS = (
     names.STREAM_PRESENCE,
     names.STREAM_USERSTATE,
     KV_STREAM_PRESENCE,
+    KV_STREAM_GUEST_NAMES,
 )
 # Streams whose consumers each service may create, read and ack. Everything else is
 # denied, e.g. the gateway cannot pull (steal) the archive's work queue.
@@ -192,6 +201,7 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_MESSAGE,  # who wrote a message (before an edit or delete)
                 names.HISTORY_SEARCH,
                 names.PRESENCE_WHO,  # requests to presence's who-is-online service
+                kv_subject(names.KV_GUEST_NAMES),  # guest name reservations
                 names.USER_MEMBERSHIP_ALL,  # user-state events, through stream USERSTATE
                 names.USER_READ_ALL,
                 names.USERSTATE_STATE,  # requests to the archive's user-state service
@@ -253,6 +263,7 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_ROOM,  # GetHistory
                 names.HISTORY_DM,
                 names.PRESENCE_WHO,  # ListOnline
+                kv_subject(names.KV_GUEST_NAMES),  # guest tokens' name reservations
                 *jetstream,
             ],
             publish_deny=jetstream_denies("rpc"),
@@ -271,11 +282,28 @@ def _conf_list(items: list[str], indent: str) -> str:
     return f"[\n{inner}{indent}]"
 
 
-def render_accounts_conf() -> str:
+def render_accounts_conf(auth: str = "password") -> str:
+    """The accounts block: one user per service with its permissions. `auth` "password":
+    user + password from NATS_<USER>_PASSWORD (deploy/nats/accounts.conf, the default
+    dev and compose set-up); "nkey": an NKey whose public key comes from NATS_<USER>_NKEY
+    (deploy/nats/accounts-nkeys.conf: the prod overlay, the TLS compose variant). Same
+    permissions either way."""
+    from devtools.certs import nkey_env
+
+    def identity(user: str) -> list[str]:
+        if auth == "nkey":
+            return [f"nkey: ${nkey_env(user)}"]
+        return [f"user: {user}", f"password: ${password_env(user)}"]
+
+    def inline(user: str) -> str:
+        return "{" + ", ".join(identity(user)) + "}"
+
+    source = "NKey public keys" if auth == "nkey" else "Passwords"
+    generate = "accounts-nkeys" if auth == "nkey" else "accounts"
     lines = [
-        "# GENERATED from chatlib.names by `python -m devtools.deploy_checks accounts`;",
+        f"# GENERATED from chatlib.names by `python -m devtools.deploy_checks {generate}`;",
         "# do not edit by hand (a test fails when it is stale). One user per service, each",
-        "# allowed exactly the subjects it uses. Passwords come from environment variables.",
+        f"# allowed exactly the subjects it uses. {source} come from environment variables.",
         "accounts: {",
         f"  {NATS_ACCOUNT}: {{",
         "    jetstream: enabled",
@@ -283,10 +311,8 @@ def render_accounts_conf() -> str:
     ]
     ind = "          "
     for user, perms in nats_permissions().items():
+        lines += ["      {", *(f"        {item}" for item in identity(user))]
         lines += [
-            "      {",
-            f"        user: {user}",
-            f"        password: ${password_env(user)}",
             "        permissions: {",
             "          publish: {",
             f"            allow: {_conf_list(perms.publish_allow, ind + '  ')}",
@@ -303,11 +329,11 @@ def render_accounts_conf() -> str:
             lines.append("          allow_responses: true")
         lines += ["        }", "      }"]
     lines += [
-        f"      {{user: {NATS_ADMIN_USER}, password: ${password_env(NATS_ADMIN_USER)}}}",
+        f"      {inline(NATS_ADMIN_USER)}",
         "    ]",
         "  }",
         "  SYS: {",
-        f"    users: [{{user: {NATS_SYSTEM_USER}, password: ${password_env(NATS_SYSTEM_USER)}}}]",
+        f"    users: [{inline(NATS_SYSTEM_USER)}]",
         "  }",
         "}",
         "system_account: SYS",
@@ -504,8 +530,98 @@ def main(argv: list[str]) -> None:
     if argv[1:] == ["accounts"]:
         sys.stdout.write(render_accounts_conf())
         return
-    raise SystemExit("usage: python -m devtools.deploy_checks accounts")
+    if argv[1:] == ["accounts-nkeys"]:
+        sys.stdout.write(render_accounts_conf("nkey"))
+        return
+    raise SystemExit("usage: python -m devtools.deploy_checks accounts|accounts-nkeys")
 
 
 if __name__ == "__main__":
     main(sys.argv)
+
+
+# --- Kubernetes network policies -------------------------------------------------------
+
+
+def label_selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) against labels."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod (namespace labels + pod labels), or an address outside the cluster (None)."""
+
+    namespace: str
+    namespace_labels: dict[str, str] = field(default_factory=dict, hash=False)
+    pod_labels: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+def _peer_matches(peer: dict[str, Any], policy_ns: str, other: Endpoint | None) -> bool:
+    if "ipBlock" in peer:
+        return other is None  # our ipBlocks are for addresses outside the cluster
+    if other is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not label_selector_matches(peer["namespaceSelector"], other.namespace_labels):
+            return False
+    elif other.namespace != policy_ns:
+        return False
+    return "podSelector" not in peer or label_selector_matches(
+        peer["podSelector"], other.pod_labels
+    )
+
+
+def _rule_allows(
+    rule: dict[str, Any], peers_key: str, policy_ns: str, other: Endpoint | None, port: int
+) -> bool:
+    ports = rule.get("ports")
+    if ports and not any(p.get("port") in (None, port) for p in ports):
+        return False
+    peers = rule.get(peers_key)
+    return not peers or any(_peer_matches(p, policy_ns, other) for p in peers)
+
+
+def network_allows(
+    policies: list[dict[str, Any]], src: Endpoint | None, dst: Endpoint | None, port: int
+) -> bool:
+    """Whether TCP `port` from src to dst passes the NetworkPolicies (both ends' policies
+    in their own namespaces; None is an address outside the cluster, never isolated)."""
+
+    def side(me: Endpoint | None, other: Endpoint | None, kind: str, key: str) -> bool:
+        if me is None:
+            return True
+        selecting = [
+            p
+            for p in policies
+            if p["metadata"].get("namespace", me.namespace) == me.namespace
+            and kind in p["spec"].get("policyTypes", ["Ingress"])
+            and label_selector_matches(p["spec"].get("podSelector") or {}, me.pod_labels)
+        ]
+        if not selecting:
+            return True  # not isolated
+        return any(
+            _rule_allows(rule, key, me.namespace, other, port)
+            for p in selecting
+            for rule in p["spec"].get(kind.lower()) or []
+        )
+
+    return side(src, dst, "Egress", "to") and side(dst, src, "Ingress", "from")
+
+
+def workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every object that runs pods."""
+    return [o for o in objs if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]

@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import warnings
 from pathlib import Path
+from typing import Any
 
 PG_SYSTEM_USER = "chatpg"
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,8 @@ class NatsServer:
         self.env = env or {}
         self.user = user
         self.proc: subprocess.Popen[bytes] | None = None
+        # deployed_tls: the certificates and NKeys clients need (see connect_options).
+        self.tls_dir: Path | None = None
 
     @classmethod
     def deployed(cls, store_dir: Path, port: int | None = None) -> NatsServer:
@@ -116,6 +119,38 @@ class NatsServer:
         config = "\n".join(line for line in conf if "store_dir:" not in line)
         env = {password_env(u): nats_test_password(u) for u in DEPLOY_NATS_USERS}
         return cls(store_dir, port=port, config=config, env=env, user="admin")
+
+    @classmethod
+    def deployed_tls(cls, store_dir: Path, tls_dir: Path, port: int | None = None) -> NatsServer:
+        """deploy/nats/nats-tls.conf (TLS required, NKey users) with the certificates and
+        NKeys of `tls_dir` (devtools.certs.make_all). Clients connect with an NKey seed
+        from tls_dir/nkeys and the CA tls_dir/ca.crt; `url` carries no credentials."""
+        store_dir = Path(store_dir)
+        store_dir.mkdir(parents=True, exist_ok=True)
+        accounts = (DEPLOY_NATS / "accounts-nkeys.conf").read_text()
+        (store_dir / "accounts-nkeys.conf").write_text(accounts)
+        conf = (DEPLOY_NATS / "nats-tls.conf").read_text().replace("/etc/nats/tls", str(tls_dir))
+        config = "\n".join(line for line in conf.splitlines() if "store_dir:" not in line)
+        env = dict(
+            line.split("=", 1) for line in (tls_dir / "nkeys.env").read_text().splitlines() if line
+        )
+        server = cls(store_dir, port=port, config=config, env=env)
+        server.tls_dir = tls_dir
+        return server
+
+    def connect_options(self, user: str) -> dict[str, Any]:
+        """nats.connect(**options) as `user` of the deployed accounts: the test password,
+        or (deployed_tls) the user's NKey seed over TLS verified against the local CA."""
+        if self.tls_dir is None:
+            return {"servers": [url_as(self.url, user)]}
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        return {
+            "servers": [self.url],
+            "nkeys_seed": str(self.tls_dir / "nkeys" / f"{user}.nk"),
+            "tls": context,
+        }
 
     @property
     def url(self) -> str:
@@ -181,9 +216,13 @@ class NatsServer:
 class PostgresServer:
     """A Postgres cluster in `data_dir`, from the pgserver wheel's binaries or PATH."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, options: list[str] | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        # More `-c name=value` settings (e.g. ssl=on and its files, hba_file).
+        self.options = options or []
         self.socket_dir = self.data_dir.parent / f"{self.data_dir.name}-sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.bin_dir = _postgres_bin_dir()
@@ -233,6 +272,7 @@ class PostgresServer:
                 "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.socket_dir),
                 "-c", "max_connections=200", "-c", "shared_buffers=128MB",
                 "-c", "fsync=on", "-c", "synchronous_commit=on",
+                *(arg for option in self.options for arg in ("-c", option)),
             ),
             stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # shielded from a terminal's Ctrl-C, as NATS above

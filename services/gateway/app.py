@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from chatlib import health, lifecycle, names, nats_wiring, validate
-from chatlib.auth import Authenticator, AuthError
+from chatlib.auth import Authenticator, AuthError, Identity, new_holder
+from chatlib.guest_names import GuestNames, NameTaken, ensure_bucket
 from chatlib.logs import setup_logging
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -25,8 +28,8 @@ from nats.js import JetStreamContext
 from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
 
-from gateway import frames, handlers, metrics, recovery, userstate
-from gateway.auth import origin_allowed
+from gateway import frames, handlers, metrics, reauth, recovery, userstate
+from gateway.auth import content_security_policy, origin_allowed, security_headers
 from gateway.batching import SharedRead
 from gateway.fanout import Hub
 from gateway.frames import FrameError
@@ -61,6 +64,7 @@ class Gateway:
         self.sessions: set[Session] = set()
         self._chat_position: SharedRead[int] | None = None
         self._online: SharedRead[list[str] | None] | None = None
+        self.guest_names: GuestNames | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
@@ -73,7 +77,21 @@ class Gateway:
         await self.presence.start()
         self._chat_position = SharedRead(self._read_chat_position)
         self._online = SharedRead(self.presence.who)
+        if self.settings.auth_mode == "guest":
+            s = self.settings
+            kv = await ensure_bucket(js, s.guest_hold, s.stream_replicas)
+            self.guest_names = GuestNames(js, kv, s.guest_hold, s.stream_replicas)
+            self.guest_names.start(self._live_holds, self._hold_lost)
         self.accepting = True
+
+    def _live_holds(self) -> list[tuple[str, str]]:
+        return [(s.user, s.holder) for s in self.sessions if s.holder and not s.closing]
+
+    def _hold_lost(self, name: str, holder: str) -> None:
+        for session in list(self.sessions):
+            if session.user == name and session.holder == holder:
+                session.push(frames.error("name_taken", f"{name!r} is held by someone else"))
+                session.close_soon(frames.CLOSE_UNAUTHORIZED, "name taken")
 
     async def _read_chat_position(self) -> int:
         assert self.js is not None
@@ -98,6 +116,8 @@ class Gateway:
             await asyncio.wait(set(self.active))
 
     async def close(self) -> None:
+        if self.guest_names is not None:
+            await self.guest_names.stop()
         if self.user_events is not None:
             await self.user_events.stop()
         if self.presence is not None:
@@ -107,7 +127,7 @@ class Gateway:
 
     def deps(self) -> handlers.Deps:
         assert self.nc is not None and self.js is not None and self.hub is not None
-        return handlers.Deps(self.nc, self.js, self.hub, self.settings)
+        return handlers.Deps(self.nc, self.js, self.hub, self.settings, self.auth)
 
     # --- the WebSocket ------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -149,22 +169,50 @@ class Gateway:
             hello = frames.parse(raw)
             if hello["type"] != "hello":
                 raise FrameError("unauthorized", "the first frame must be hello")
-            user = self.auth.verify(hello.get("token"))
+            identity = await reauth.identify(self.auth, hello.get("token"))
+            await self._hold_name(identity)
         except (FrameError, AuthError) as exc:
             await refuse("unauthorized", str(exc))
             return
-        session = Session(user, send, self.settings)
-        session.operator = self.auth.has_role(hello.get("token"), self.settings.operator_role)
+        except NameTaken:
+            await refuse("name_taken", f"{identity.user!r} is held by someone else")
+            return
+        session = Session(identity.user, send, self.settings)
+        session.holder = identity.holder
+        # Issue 14: may this user delete anyone's message (a role in the hello's token)?
+        # Off the event loop when checking may fetch the provider's keys, as identify.
+        role_check = functools.partial(
+            self.auth.has_role, hello.get("token"), self.settings.operator_role
+        )
+        if self.settings.auth_mode == "oidc":
+            session.operator = await asyncio.to_thread(role_check)
+        else:
+            session.operator = role_check()
         self.sessions.add(session)
+        reauth.schedule_expiry(session, identity.expires_at)
         try:
             await self._run_session(session, hello, receive)
         finally:
+            reauth.cancel_expiry(session)
             self.sessions.discard(session)
             await self.deps().hub.remove(session)
             if self.presence is not None:
                 self.presence.closed(session.id, session.user)
             await session.finished()
             metrics.CONNECTIONS.dec()
+
+    async def _hold_name(self, identity: Identity) -> None:
+        """Guest mode: the token's name reservation must be its own (taken back if it
+        lapsed while the name is free). NameTaken if someone else holds the name."""
+        if self.guest_names is None or not identity.holder:
+            return
+        try:
+            await self.guest_names.reserve(identity.user, identity.holder)
+        except NameTaken:
+            raise
+        except Exception as exc:  # fail closed: no socket without its reservation
+            log.warning("cannot check guest name %s: %s", identity.user, exc)
+            raise AuthError("guest names are unavailable right now; try again") from exc
 
     async def _run_session(self, session: Session, hello: dict[str, Any], receive: Receive) -> None:
         metrics.CONNECTIONS.inc()
@@ -297,6 +345,7 @@ def build_app(gateway: Gateway) -> Any:
         return {
             "version": frames.VERSION,
             "auth_mode": settings.auth_mode,
+            **_oidc_config(settings),
             "limits": {
                 "max_content_bytes": settings.max_content_bytes,
                 "max_frame_bytes": settings.max_frame_bytes,
@@ -319,7 +368,19 @@ def build_app(gateway: Gateway) -> Any:
         if not validate.is_valid_name(name):
             message = f"name must be {validate.NAME_RULE}"
             return JSONResponse(_http_error("bad_user", message), status_code=400)
-        token, expires_at = gateway.auth.issue_guest(str(name))
+        holder = new_holder()
+        try:
+            if gateway.guest_names is None:
+                raise RuntimeError("not started")
+            await gateway.guest_names.reserve(str(name), holder)
+        except NameTaken:
+            message = f"{name!r} is in use; pick another name"
+            return JSONResponse(_http_error("name_taken", message), status_code=409)
+        except Exception as exc:
+            log.warning("cannot reserve guest name %s: %s", name, exc)
+            message = "guest names are unavailable right now; try again"
+            return JSONResponse(_http_error("unavailable", message), status_code=503)
+        token, expires_at = gateway.auth.issue_guest(str(name), holder=holder)
         return JSONResponse(
             {"token": token, "user": name, "expires_at": expires_at},
             headers={"Cache-Control": "no-store"},
@@ -335,15 +396,42 @@ def build_app(gateway: Gateway) -> Any:
 
     api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
+    csp = content_security_policy(settings.oidc_issuer if settings.auth_mode == "oidc" else "")
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         # The chat socket bypasses the framework: it needs uvicorn's own send (to cut a
         # stuck connection) and nothing of routing.
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
             await gateway.websocket(scope, receive, send)
+        elif scope["type"] == "http":
+            forwarded = Headers(scope=scope).get("x-forwarded-proto", "")
+            https = scope.get("scheme") == "https" or forwarded == "https"
+            extra = security_headers(csp, https, settings.hsts_max_age)
+
+            async def send_with_headers(event: MutableMapping[str, Any]) -> None:
+                if event["type"] == "http.response.start":
+                    event = {**event, "headers": [*event.get("headers", []), *extra]}
+                await send(event)
+
+            await api(scope, receive, send_with_headers)
         else:
             await api(scope, receive, send)
 
     return app
+
+
+def _oidc_config(settings: GatewaySettings) -> dict[str, Any]:
+    """What the page needs to sign in with the OIDC provider (public values only)."""
+    if settings.auth_mode != "oidc":
+        return {}
+    return {
+        "oidc": {
+            "issuer": settings.oidc_issuer,
+            "client_id": settings.oidc_client_id,
+            "scopes": settings.oidc_scopes,
+            "username_claim": settings.oidc_username_claim,
+        }
+    }
 
 
 def _http_error(code: str, message: str) -> dict[str, Any]:

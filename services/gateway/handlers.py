@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatlib import codec, idempotency, ids, message_events, names
+from chatlib.auth import Authenticator
 from chatlib.limits import TokenBucket
 from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
@@ -17,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, lifecycle_frames, metrics, userstate
+from gateway import frames, lifecycle_frames, metrics, reauth, userstate
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.session import Session
@@ -34,6 +35,7 @@ class Deps:
     js: JetStreamContext
     hub: Hub
     settings: GatewaySettings
+    auth: Authenticator | None = None  # for `auth` frames (gateway.reauth)
 
 
 Handler = Callable[[dict[str, Any], Session, Deps], Awaitable[None]]
@@ -321,6 +323,7 @@ HANDLERS: dict[str, Handler] = {
     "history": handle_history,
     "typing": handle_typing,
     "ping": handle_ping,
+    "auth": reauth.handle_auth,
     "read": userstate.handle_read,
     "rooms": userstate.handle_rooms,
     "threads": userstate.handle_threads,

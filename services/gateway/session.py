@@ -122,6 +122,9 @@ class Session:
         "bucket",
         "close_code",
         "closing",
+        "expires_at",
+        "expiry",
+        "holder",
         "id",
         "live_buffer",
         "operator",
@@ -156,6 +159,11 @@ class Session:
         self.close_code: int | None = None
         self._closer: asyncio.Task[None] | None = None
         self.sends: set[asyncio.Task[None]] = set()
+        # The token (see gateway.reauth): when it expires, and the guest name reservation
+        # it is bound to ("" unless guest mode). `auth` frames move expires_at on.
+        self.expires_at = 0.0
+        self.expiry: asyncio.TimerHandle | None = None
+        self.holder = ""
 
     # --- outgoing -----------------------------------------------------------------------
     def push(self, frame: str) -> None:

@@ -43,6 +43,8 @@ class GatewaySettings(ClientSettings):
     # Frames above max_frame_bytes get an error; above this hard limit the socket is
     # closed with 1009 (the WebSocket layer refuses to buffer them). 0: 2 x max_frame_bytes.
     hard_frame_bytes: int = Field(default=0, ge=0)
+    # Strict-Transport-Security is sent when the page is served over https (behind TLS).
+    hsts_max_age: int = Field(default=31536000, ge=0)
 
     # Message lifecycle (issue 14): how long after sending its author may edit a message,
     # and the JWT role whose holders may delete anyone's message (empty: nobody).

@@ -13,6 +13,7 @@ import grpc
 from chatctl.client import ChatClient
 from chatlib import codec
 from chatlib.auth import Authenticator
+from chatlib.guest_names import GuestNames, ensure_bucket
 from chatlib.proto.chat import v1 as pb
 from chatlib.proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from chatlib.tasks import CriticalTasks
@@ -124,6 +125,9 @@ class RpcService:
         s = self.settings
         client = ChatClient(nc, request_timeout=s.request_timeout)
         self.deps = Deps(client, Authenticator(s), Limiter(s), s)
+        if s.auth_mode == "guest":
+            kv = await ensure_bucket(js, s.guest_hold, s.stream_replicas)
+            self.deps.guest_names = GuestNames(js, kv, s.guest_hold, s.stream_replicas)
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers([chat_service_handler(self.deps)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -10,6 +10,7 @@ the mapping of errors to status codes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ from chatctl.client import ChatClient
 from chatctl.errors import ChatError, IdempotencyConflict, ServiceError, ServiceUnavailable
 from chatlib import presence_client, validate
 from chatlib.auth import Authenticator, AuthError
+from chatlib.guest_names import GuestNames, NameTaken
 from chatlib.limits import TokenBucket
 from chatlib.proto.chat import v1 as pb
 
 from rpc import metrics
 from rpc.settings import RpcSettings
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_CLIENT_ID = 64  # as the gateway's client_id
@@ -81,6 +85,8 @@ class Deps:
     auth: Authenticator
     limiter: Limiter
     settings: RpcSettings
+    # Guest mode: the name reservations guest tokens are bound to.
+    guest_names: GuestNames | None = None
     # Set when the service stops: open streams end with UNAVAILABLE and their last seq.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Set (and replaced) when the NATS connection drops: a live subscription misses what
@@ -92,16 +98,30 @@ class Deps:
         self.connection_lost = asyncio.Event()
 
 
-def caller(context: Context, deps: Deps) -> str:
-    """The user of the call's `authorization: Bearer <token>` metadata."""
+async def caller(context: Context, deps: Deps) -> str:
+    """The user of the call's `authorization: Bearer <token>` metadata. A guest token is
+    good only while its name reservation is its own (chatlib.guest_names)."""
     metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
     scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Refused(grpc.StatusCode.UNAUTHENTICATED, "send authorization: Bearer <token>")
     try:
-        return deps.auth.verify(token.strip())
+        if deps.auth.settings.auth_mode == "oidc":  # may fetch the provider's keys
+            identity = await asyncio.to_thread(deps.auth.identify, token.strip())
+        else:
+            identity = deps.auth.identify(token.strip())
     except AuthError as exc:
         raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from exc
+    if deps.guest_names is not None and identity.holder:
+        try:
+            await deps.guest_names.reserve(identity.user, identity.holder)
+        except NameTaken as exc:
+            message = f"name_taken: {identity.user!r} is held by someone else"
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, message) from exc
+        except Exception as exc:  # fail closed
+            log.warning("cannot check guest name %s: %s", identity.user, exc)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "guest names are unavailable") from exc
+    return identity.user
 
 
 async def within_deadline(context: Context, deps: Deps, work: Awaitable[T]) -> T:
@@ -136,7 +156,7 @@ def name(kind: str, value: str) -> str:
 
 
 async def send_message(request: pb.ChatMessage, context: Context, deps: Deps) -> pb.SendResponse:
-    user = caller(context, deps)
+    user = await caller(context, deps)
     deps.limiter.take(user, "write")
     if bool(request.room) == bool(request.dm_peer):
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of room or dm_peer")
@@ -166,7 +186,7 @@ async def send_message(request: pb.ChatMessage, context: Context, deps: Deps) ->
 
 
 async def get_history(request: pb.HistoryRequest, context: Context, deps: Deps) -> pb.HistoryPage:
-    user = caller(context, deps)
+    user = await caller(context, deps)
     deps.limiter.take(user, "read")
     if bool(request.room) == bool(request.dm_peer):
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of room or dm_peer")
@@ -187,7 +207,7 @@ async def get_history(request: pb.HistoryRequest, context: Context, deps: Deps) 
 
 
 async def list_online(request: pb.WhoRequest, context: Context, deps: Deps) -> pb.WhoPage:
-    deps.limiter.take(caller(context, deps), "read")
+    deps.limiter.take(await caller(context, deps), "read")
     page = presence_client.who(
         deps.client.nc, request.after, request.limit, deps.settings.request_timeout
     )
@@ -204,7 +224,7 @@ async def stream_messages(
     messages behind is ended with RESOURCE_EXHAUSTED, and a stopping service ends every
     stream with UNAVAILABLE; either way trailing metadata `chat-last-seq` says where to
     resume (since_seq)."""
-    user = caller(context, deps)
+    user = await caller(context, deps)
     deps.limiter.take(user, "read")
     rooms = [name("room", r) for r in dict.fromkeys(request.rooms)]
     if not rooms and not request.direct_messages:

@@ -37,9 +37,11 @@ def service_exists(module: str) -> bool:
 
 
 def mint_token(user: str, secret: str = BENCH_SECRET, ttl: float = 3600.0) -> str:
-    """A guest token exactly as the gateway issues them (HS256, sub, iss, exp)."""
+    """A guest token exactly as the gateway issues them (HS256, sub, iss, exp, and jti: the
+    name reservation; one per bench user, which the gateway takes on its first hello)."""
     now = int(time.time())
-    claims = {"sub": user, "iss": GUEST_ISSUER, "iat": now, "exp": now + int(ttl)}
+    claims = {"sub": user, "iss": GUEST_ISSUER, "iat": now, "exp": now + int(ttl),
+              "jti": f"bench-{user}"}  # fmt: skip
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

@@ -3,6 +3,7 @@
 // textContent only, never innerHTML, so a message can never inject markup.
 
 import * as actions from "./actions.js";
+import * as oidc from "./oidc.js";
 import * as userstate from "./userstate.js";
 
 const PROTOCOL_VERSION = 1;
@@ -22,6 +23,7 @@ const COUNTER_FROM = 0.8; // show the size counter from 80 % of the content limi
 const LONG_MESSAGE_CHARS = 700;
 const LONG_MESSAGE_LINES = 12;
 const DAY_MS = 24 * 60 * 60 * 1000;
+const AUTH_RETRY_MS = 10000; // a refused `auth` renewal is offered again after this
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,6 +32,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   authMode: "guest",
+  lastRefusal: null, // the code of the error before a 4401 close (name_taken, unauthorized)
   limits: null,
   token: null,
   user: null, // the server's word (welcome), not what we typed
@@ -334,18 +337,21 @@ async function loadConfig() {
     const resp = await fetch("/api/config", { cache: "no-store" });
     if (resp.ok) {
       const cfg = await resp.json();
-      state.authMode = cfg.auth_mode === "jwt" ? "jwt" : "guest";
+      state.authMode = ["jwt", "oidc"].includes(cfg.auth_mode) ? cfg.auth_mode : "guest";
+      if (state.authMode === "oidc") oidc.configure(cfg.oidc);
       state.limits = cfg.limits || null;
     }
   } catch {
     // Offline or gateway down: guest form stays; signing in will report the problem.
   }
   const jwt = state.authMode === "jwt";
-  $("guest-fields").hidden = jwt;
+  $("guest-fields").hidden = state.authMode !== "guest";
   $("jwt-fields").hidden = !jwt;
   $("signin-hint").textContent = jwt
     ? "Paste the access token your organisation gave you."
-    : "Pick a name to chat as a guest.";
+    : state.authMode === "oidc"
+      ? "Sign in with your organisation’s account."
+      : "Pick a name to chat as a guest.";
 }
 
 function showSigninError(text) {
@@ -359,6 +365,16 @@ async function signIn(event) {
   showSigninError("");
   let token;
   let user = null;
+  if (state.authMode === "oidc") {
+    $("signin").disabled = true;
+    try {
+      await oidc.beginSignIn(); // leaves the page for the provider's login
+    } catch (err) {
+      $("signin").disabled = false;
+      showSigninError(`Cannot reach the sign-in provider: ${err.message}`);
+    }
+    return;
+  }
   if (state.authMode === "jwt") {
     token = $("token").value.trim();
     if (!token) return showSigninError("Paste a token first.");
@@ -491,7 +507,11 @@ function connect() {
     if (state.ws !== ws) return; // a socket we already replaced or closed on purpose
     if (ev.code === 4401) {
       socketGone();
-      signOut("Your session is no longer valid. Please sign in again.");
+      signOut(
+        state.lastRefusal === "name_taken"
+          ? "That name is in use by someone else right now. Pick another one."
+          : "Your session is no longer valid. Please sign in again.",
+      );
       return;
     }
     socketGone();
@@ -582,7 +602,10 @@ function send(frame) {
 function handleFrame(f) {
   switch (f.type) {
     case "welcome":
+      state.lastRefusal = null;
       return onWelcome(f);
+    case "auth":
+      return; // our fresh token was accepted: the socket lives on
     case "resumed":
       return onResumed(f);
     case "joined":
@@ -867,7 +890,20 @@ function onError(f) {
     }
     return;
   }
-  if (f.code === "unauthorized") return; // the 4401 close that follows signs us out
+  if (f.ref === "auth") {
+    // A fresh token refused (e.g. signed with a key the gateway has not fetched yet):
+    // offer it again shortly; the socket stays up until the current token expires.
+    setTimeout(() => {
+      if (state.ws && state.ws.readyState === WebSocket.OPEN && state.token) {
+        state.ws.send(JSON.stringify({ type: "auth", token: state.token }));
+      }
+    }, AUTH_RETRY_MS);
+    return;
+  }
+  if (f.code === "unauthorized" || f.code === "name_taken") {
+    state.lastRefusal = f.code; // the 4401 close that follows signs us out, saying why
+    return;
+  }
   if (f.ref === "typing") return; // a typing hint that did not go out: nobody needs to know
   if (f.ref === "join" || f.code === "bad_room") joinWanted = null;
   if (f.ref === "history" || f.code === "history_unavailable") {
@@ -1766,7 +1802,10 @@ function init() {
   $("notify").addEventListener("click", toggleNotify);
   $("thread-notify").addEventListener("click", toggleThreadNotify);
   $("signin-form").addEventListener("submit", signIn);
-  $("signout").addEventListener("click", () => signOut(""));
+  $("signout").addEventListener("click", () => {
+    signOut("");
+    if (state.authMode === "oidc") oidc.signOutAtProvider(); // end the provider's session too
+  });
   $("composer-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const c = $("composer");
@@ -1824,11 +1863,38 @@ function init() {
   });
   setInterval(refreshTimes, 30000);
 
-  loadConfig().then(() => {
+  loadConfig().then(async () => {
+    if (state.authMode === "oidc") return resumeOidc();
     const token = store.token;
     if (token) startSession(token, store.user || tokenSubject(token));
     else $(state.authMode === "jwt" ? "token" : "name").focus();
   });
+}
+
+// OIDC: back from the provider (or reloaded while signed in): start the session, then
+// keep its token fresh. Each new ID token is sent on the open socket (an `auth` frame):
+// no reconnect, no lost message; a reconnect later says hello with the newest token.
+async function resumeOidc() {
+  let signedIn = null;
+  try {
+    signedIn = await oidc.completeSignIn();
+  } catch (err) {
+    showSigninError(err.message);
+  }
+  if (!signedIn) return $("signin").focus();
+  store.token = signedIn.idToken;
+  store.user = signedIn.user;
+  startSession(signedIn.idToken, signedIn.user);
+  oidc.keepFresh(
+    (idToken) => {
+      state.token = idToken;
+      store.token = idToken;
+      if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+        state.ws.send(JSON.stringify({ type: "auth", token: idToken }));
+      }
+    },
+    () => {}, // cannot refresh: the socket closes with 4401 at expiry and we sign out
+  );
 }
 
 userstate.install({

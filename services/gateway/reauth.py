@@ -1,0 +1,72 @@
+"""Token lifetime on a long-lived socket, and the `auth` frame that extends it.
+
+A socket lives as long as the token of its hello; at the token's `exp` it is closed with
+4401 (after an `unauthorized` error frame) unless the client sent a fresh token for the
+same user in an `auth` frame first, which the server confirms with an `auth` frame
+carrying the new expiry. The page refreshes its OIDC tokens before they expire and sends
+them this way, so the socket (and the messages flowing on it) never stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from chatlib.auth import Authenticator, AuthError, Identity
+
+from gateway import frames
+from gateway.frames import FrameError
+from gateway.session import Session
+
+
+async def identify(auth: Authenticator, token: object) -> Identity:
+    """`auth.identify` off the event loop when it may fetch the provider's keys."""
+    if auth.settings.auth_mode == "oidc":
+        return await asyncio.to_thread(auth.identify, token)
+    return auth.identify(token)
+
+
+def schedule_expiry(session: Session, expires_at: float) -> None:
+    """Close the socket with 4401 when its token expires (replaces an earlier schedule)."""
+    cancel_expiry(session)
+    session.expires_at = expires_at
+    loop = asyncio.get_running_loop()
+    delay = max(0.0, expires_at - time.time())
+    session.expiry = loop.call_at(loop.time() + delay, _expire, session)
+
+
+def cancel_expiry(session: Session) -> None:
+    if session.expiry is not None:
+        session.expiry.cancel()
+        session.expiry = None
+
+
+def _expire(session: Session) -> None:
+    session.expiry = None
+    if session.closing:
+        return
+    message = "token expired: send an auth frame with a fresh token before it does"
+    session.push(frames.error("unauthorized", message, "auth"))
+    session.close_soon(frames.CLOSE_UNAUTHORIZED, "token expired")
+
+
+async def handle_auth(frame: dict[str, Any], session: Session, deps: Any) -> None:
+    """{"type":"auth","token":...}: a fresh token for the same user (and, for guests, the
+    same name reservation). A bad one is refused with an error and changes nothing: the
+    socket goes on until the current token expires."""
+    auth: Authenticator = deps.auth
+    try:
+        identity = await identify(auth, frame.get("token"))
+    except AuthError as exc:
+        raise FrameError("unauthorized", str(exc), "auth") from exc
+    if identity.user != session.user:
+        raise FrameError("unauthorized", "the token is for another user", "auth")
+    if identity.holder != session.holder:
+        raise FrameError("unauthorized", "the token is bound to another name reservation", "auth")
+    schedule_expiry(session, identity.expires_at)
+    session.push(
+        frames.dumps(
+            {"type": "auth", "user": identity.user, "expires_at": int(identity.expires_at * 1000)}
+        )
+    )
