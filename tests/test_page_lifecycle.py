@@ -13,6 +13,7 @@ import pytest
 from tests.archive_fixtures import ArchiveProc, archive_db, archive_procs, start_archive
 from tests.gateway_fixtures import GatewayProc, start_gateways
 from tests.test_browser import WAIT_MS, Person, browser, sign_in
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
 __all__ = ["archive_db", "archive_procs", "browser"]
@@ -128,10 +129,16 @@ async def test_edit_react_reply_delete_and_search_on_desktop_and_phone(
         )
 
         # Search (from the phone): the hit jumps to the message in its thread.
+        # (The archive may take a moment to have the reply: search again until it does.)
         await bob.page.fill("#search", "agreed")
-        await bob.page.press("#search", "Enter")
         hit = bob.page.get_by_test_id("search-hit")
-        await expect(hit).to_have_count(1, timeout=WAIT_MS)
+
+        async def found() -> bool:
+            await bob.page.press("#search", "Enter")
+            await bob.page.get_by_test_id("search-results").wait_for(timeout=WAIT_MS)
+            return await hit.count() == 1
+
+        await wait_until(found, "the reply is found", timeout=20, interval=0.5)
         await expect(hit.locator("mark")).to_have_text("agreed")
         await hit.locator("button").click()
         await expect(bob.page.locator("#message-list li[data-jumped]")).to_have_count(1)
