@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="sender", default="chatctl", help="requester for a room")
     p.set_defaults(run=commands.history)
 
+    p = add(
+        "search",
+        "full-text search of history as a user sees it",
+        "Search the archive (chat.history.search) as --as USER: the rooms given with --room "
+        "and USER's own DM threads, newest first; matches shown between [[ and ]].",
+    )
+    p.add_argument("query", help='words, "a phrase", -excluded, or')
+    p.add_argument("--as", dest="sender", required=True, help="the user searching")
+    p.add_argument("--room", action="append", help="a room to search (repeatable)")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--before", metavar="ID", help="only messages older than this id")
+    p.set_defaults(run=commands.search)
+
     p = add("who", "list users online", "Ask chat-presence who is online, one user a line.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=commands.who)
