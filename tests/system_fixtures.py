@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import grpc
 import nats
-from chatlib import codec, names
+from chatlib import codec, message_events, names
 from chatlib.auth import Authenticator
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
@@ -281,7 +281,9 @@ async def chat_log(nc: NATS) -> list[LoggedMessage]:
             raw = await js.get_msg(names.STREAM_CHAT, seq)
         except nats.js.errors.NotFoundError:
             continue  # a deleted or expired sequence
-        msg = codec.decode_as(pb.ChatMessage, raw.data or b"", dict(raw.headers or {}))
+        msg = message_events.decode_chat(raw.data or b"", dict(raw.headers or {}))
+        if not isinstance(msg, pb.ChatMessage):
+            continue  # an edit, delete or reaction (tests/lifecycle_system.py checks those)
         out.append(LoggedMessage(seq, raw.subject or "", msg.id, msg.sender, msg.client_id))
     return out
 

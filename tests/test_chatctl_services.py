@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from chatctl.client import ChatClient
 from chatctl.errors import ChatError
-from chatlib import codec, names
+from chatlib import codec, ids, names
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
 from devtools.servers import free_port, url_as
@@ -183,3 +184,30 @@ async def test_stats_shows_the_archive_queue_drained_after_writes(
         "redelivered": 0,
         "waiting_pulls": queue["waiting_pulls"],  # type: ignore[index]
     }
+
+
+async def test_search_finds_words_in_the_rooms_given_and_tail_decodes_lifecycle_events(
+    archive: ServiceProcess, client: ChatClient, url: str
+) -> None:
+    """chatctl search (issue 14) through the real archive; `tail` shows an edit decoded."""
+    for text, room in (("the deploy went fine", "ops"), ("deploy secrets", "private")):
+        await run_chatctl("-s", url, "send", "--room", room, "--as", "bot", text)
+    await wait_until(lambda: _count(client, room="private", n=1), "archived", timeout=20)
+    result = await run_chatctl("-s", url, "search", "deploy", "--as", "alice", "--room", "ops")
+    assert result.code == 0, result.err
+    lines = result.lines()
+    assert [line["room"] for line in lines] == ["ops"]  # not the room alice did not name
+    assert "[[deploy]]" in lines[0]["snippet"]
+    bad = await run_chatctl("-s", url, "search", "deploy", "--as", "Not A Name")
+    assert bad.code == 2
+
+    edit = pb.MessageEdit(id=ids.new_id(), message_id=ids.new_id(), room="ops", sender="bot",
+                          content="fixed", ts_ms=1)  # fmt: skip
+    data, headers = codec.encode(edit)
+    tail = asyncio.create_task(run_chatctl("-s", url, "tail", "-n", "1", "chat.room.ops"))
+    while not tail.done():  # until chatctl's subscription is in place and has seen one
+        await client.nc.publish("chat.room.ops", data, headers=headers)
+        await asyncio.sleep(0.2)
+    shown = (await tail).lines()[0]
+    assert shown["type"] == "chat.v1.MessageEdit"
+    assert shown["data"]["content"] == "fixed" and shown["data"]["message_id"] == edit.message_id

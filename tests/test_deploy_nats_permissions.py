@@ -171,7 +171,7 @@ def test_permissions_cover_the_subjects_of_every_contract() -> None:
 
 async def test_archive_hears_max_deliveries_and_removes_the_task_it_parked(connect) -> None:  # type: ignore[no-untyped-def]
     """What parking a task JetStream gave up on needs: the advisory and a message delete
-    on ARCHIVE, and nothing more (no deletes on the chat log)."""
+    on ARCHIVE; and (issue 14) removing deleted content from CHAT; no other deletes."""
     archive = await connect("archive")
     await provision_as(archive)
     advisories = await archive.nc.subscribe(
@@ -183,11 +183,15 @@ async def test_archive_hears_max_deliveries_and_removes_the_task_it_parked(conne
     await admin.nc.publish(names.ADVISORY_ARCHIVE_MAX_DELIVERIES, b"{}")  # as JetStream does
     assert (await advisories.next_msg(timeout=5)).data == b"{}"
     await archive.nc.jetstream().delete_msg(names.STREAM_ARCHIVE, task.seq)
-    chat = await js.publish(names.room_subject("lobby"), b"hi")
+    chat = await js.publish(names.room_subject("lobby"), b"deleted by its author")
+    await archive.nc.jetstream().delete_msg(names.STREAM_CHAT, chat.seq)
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await js.get_msg(names.STREAM_CHAT, chat.seq)
+    parked = await js.publish(names.DEAD_LETTER_ARCHIVE, b"parked")
     with pytest.raises(Exception):  # noqa: B017 - the request is dropped: a timeout
-        await archive.nc.jetstream().delete_msg(names.STREAM_CHAT, chat.seq)
-    delete_chat = f"$JS.API.STREAM.MSG.DELETE.{names.STREAM_CHAT}"
-    await wait_until(lambda: archive.refused(delete_chat), "archive refused a CHAT delete")
+        await archive.nc.jetstream().delete_msg(names.STREAM_DEAD, parked.seq)
+    delete_dead = f"$JS.API.STREAM.MSG.DELETE.{names.STREAM_DEAD}"
+    await wait_until(lambda: archive.refused(delete_dead), "archive refused a DEADLETTER delete")
     with pytest.raises(nats.js.errors.NotFoundError):
         await js.get_msg(names.STREAM_ARCHIVE, task.seq)
-    assert (await js.get_msg(names.STREAM_CHAT, chat.seq)).data == b"hi"
+    assert (await js.get_msg(names.STREAM_DEAD, parked.seq)).data == b"parked"

@@ -29,6 +29,14 @@ from pathlib import Path
 import pytest
 from devtools.servers import NatsServer, PostgresServer
 
+from tests.lifecycle_system import USERS as LIFECYCLE_USERS
+from tests.lifecycle_system import (
+    chat_events,
+    check_lifecycle,
+    deleted_ids,
+    lifecycle_client,
+    run_lifecycle,
+)
 from tests.system_fixtures import (
     ChatSystem,
     GrpcReader,
@@ -129,6 +137,7 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
     database_url = await create_database(pg.url)
     system = ChatSystem([nats_server.url], database_url, tmp / "logs", rpcs=2)
     clients: list[ScoringClient] = []
+    life: list[ScoringClient] = []
     supervisors: list[asyncio.Task[None]] = []
     import nats
 
@@ -142,10 +151,19 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
             await client.connect()
             clients.append(client)
         supervisors = [asyncio.create_task(c.supervise()) for c in clients]
+        # Issue 14: edits, deletes and reactions through the same kills.
+        life = [
+            lifecycle_client(user, system.gateway_ws_urls, i)
+            for i, user in enumerate(LIFECYCLE_USERS)
+        ]
+        for client in life:
+            await client.connect()
+        supervisors += [asyncio.create_task(c.supervise()) for c in life]
         reader = GrpcReader(system.grpc_addresses, ["lobby", *ROOMS])
         supervisors.append(asyncio.create_task(reader.run()))
         load = Load(clients, total, rate)
         load_task = asyncio.create_task(load.run())
+        life_task = asyncio.create_task(run_lifecycle(life, load.done))
         step = total // 7
 
         async def fault(name: str, action: Callable[[], Awaitable[None] | None], at: int) -> None:
@@ -197,13 +215,15 @@ async def crash_run(tmp: Path, total: int, rate: float) -> None:
         )
 
         await asyncio.wait_for(load_task, timeout=120)
-        await check_outcome(system, nc, clients, database_url, gateway0_users)
+        life_counts = await asyncio.wait_for(life_task, timeout=120)
+        await check_outcome(system, nc, clients, database_url, gateway0_users, life)
         await check_grpc_reader(nc, reader)
+        await check_lifecycle(nc, life, database_url, life_counts)
         await check_unread_exact(nc, system.gateway_ws_urls(), clients, markers, "at the end")
     finally:
         for task in supervisors:
             task.cancel()
-        for client in clients:
+        for client in [*clients, *life]:
             with contextlib.suppress(Exception):
                 await client.close()
         await nc.close()
@@ -227,6 +247,7 @@ async def check_outcome(
     clients: list[ScoringClient],
     database_url: str,
     gateway0_users: list[str],
+    others: list[ScoringClient] = [],  # noqa: B006 - read only
 ) -> None:
     from nats.aio.client import Client as NATS
 
@@ -255,16 +276,19 @@ async def check_outcome(
     )
 
     # Postgres: every CHAT message (so every acked one) exactly once, nothing else.
+    # Deleted messages are tombstones in Postgres, removed from CHAT (issue 14).
+    purged = deleted_ids(await chat_events(nc))
+
     async def archived() -> bool:
         counts = await archived_id_counts(database_url)
-        return set(counts) == set(ids)
+        return set(counts) == set(ids) | purged
 
     await wait_until(archived, "every logged message archived", timeout=60, interval=0.5)
     counts = await archived_id_counts(database_url)
     assert all(n == 1 for n in counts.values()), "a message was archived twice"
 
     # Presence: exactly the connected users.
-    expected = sorted(c.user for c in clients if c.connected)
+    expected = sorted(c.user for c in [*clients, *others] if c.connected)
 
     async def presence_exact() -> bool:
         try:

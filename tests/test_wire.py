@@ -114,3 +114,17 @@ def test_non_canonical_encodings_go_to_the_codec() -> None:
 def test_the_archive_id_check_is_chatlib_s(candidate: str) -> None:
     assert bool(handlers._ID.fullmatch(candidate)) == ids.is_valid_id(candidate)
     assert bool(handlers._ID.fullmatch(ids.new_id()))
+
+
+def test_a_search_page_encodes_as_betterproto2_does() -> None:
+    message = pb.ChatMessage(id="01ARZ3NDEKTSV4RRFFQ69G5FAV", room="dev", sender="a", content="x y")
+    expected = pb.SearchPage(
+        hits=[
+            pb.SearchHit(message=message, snippet="\ue000x\ue001 y"),
+            pb.SearchHit(message=message),
+        ],
+        has_more=True,
+    )
+    hits = [(bytes(message), "\ue000x\ue001 y"), (bytes(message), "")]
+    assert wire.encode_search_page(hits, True) == bytes(expected)
+    assert pb.SearchPage.parse(wire.encode_search_page([], False)) == pb.SearchPage()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import nats.micro
@@ -21,7 +22,7 @@ from nats.js import JetStreamContext, api
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service as MicroService
 
-from archive import handlers, metrics, migrations
+from archive import handlers, lifecycle, metrics, migrations
 from archive.settings import ArchiveSettings
 from archive.userstate_service import UserStateService
 from archive.worker import ArchiveWorker, backoff
@@ -72,6 +73,13 @@ class ArchiveService:
             name="room", subject=names.HISTORY_ROOM, handler=self._history_room
         )
         await self.micro.add_endpoint(name="dm", subject=names.HISTORY_DM, handler=self._history_dm)
+        # Issue 14: the gateway's authorship check, and full-text search.
+        await self.micro.add_endpoint(
+            name="message", subject=names.HISTORY_MESSAGE, handler=self._lookup
+        )
+        await self.micro.add_endpoint(
+            name="search", subject=names.HISTORY_SEARCH, handler=self._search
+        )
         self.userstate = UserStateService(nc, js, self.settings)
         await self.userstate.start_service()
         # Connecting to Postgres may take a while (it may be down): do it in the background
@@ -240,6 +248,8 @@ class ArchiveService:
                 try:
                     await self.pool.fetchval("SELECT 1", timeout=2)
                     self._set_db_state(True)
+                    if self.consuming and self.js is not None:
+                        await self._sweep_lifecycle(self.js)
                 except handlers.DB_UNAVAILABLE:
                     self._set_db_state(False)
             if self.pool is not None and self.userstate is not None:
@@ -254,6 +264,15 @@ class ArchiveService:
                 except Exception as exc:
                     log.debug("consumer info unavailable: %s", exc)
 
+    async def _sweep_lifecycle(self, js: JetStreamContext) -> None:
+        """Events whose message arrived on another replica at the same moment."""
+        assert self.pool is not None
+        try:
+            window = int(self.settings.edit_window_s * 1000)
+            await lifecycle.purge_from_log(js, await lifecycle.sweep(self.pool, window))
+        except Exception as exc:
+            log.warning("lifecycle sweep failed: %s", exc)
+
     # --- history ----------------------------------------------------------------------
 
     async def _history_room(self, request: Request) -> None:
@@ -261,6 +280,31 @@ class ArchiveService:
 
     async def _history_dm(self, request: Request) -> None:
         await self._answer(request, handlers.dm_history)
+
+    async def _lookup(self, request: Request) -> None:
+        await self._query(request, pb.MessageLookup, lifecycle.lookup, pb.MessageInfo)
+
+    async def _search(self, request: Request) -> None:
+        await self._query(request, pb.SearchRequest, lifecycle.search, pb.SearchPage)
+
+    async def _query(
+        self,
+        request: Request,
+        kind: type[Any],
+        handler: Callable[[asyncpg.Pool, Any], Awaitable[bytes]],
+        answer: type[Any],
+    ) -> None:
+        try:
+            query = codec.decode_as(kind, request.data, request.headers)
+        except codec.DecodeError as exc:
+            raise ServiceError("400", handlers.one_line(str(exc))) from exc
+        if self.pool is None:
+            raise ServiceError("503", "history database not available yet")
+        try:
+            data = await handler(self.pool, query)
+        except handlers.DB_UNAVAILABLE as exc:
+            raise ServiceError("503", "history database unavailable") from exc
+        await request.respond(data, headers={names.HEADER_TYPE: codec.type_name(answer())})
 
     async def _answer(self, request: Request, handler: HistoryHandler) -> None:
         try:

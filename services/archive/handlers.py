@@ -43,6 +43,7 @@ class Row:
     content: str
     ts_ms: int
     stream_seq: int | None
+    reply_to: str | None = None
 
 
 def one_line(text: str, limit: int = 500) -> str:
@@ -117,6 +118,7 @@ def message_row(message: pb.ChatMessage | wire.Fields, stream_seq: int | None = 
         content=message.content,
         ts_ms=message.ts_ms,
         stream_seq=stream_seq,
+        reply_to=message.reply_to if ids.is_valid_id(message.reply_to) else None,
     )
 
 
@@ -143,11 +145,22 @@ def task_row(subject: str, data: bytes, headers: dict[str, str] | None) -> Row:
 # One statement (so one transaction, one round trip) for the whole batch: the columns go as
 # arrays and unnest turns them back into rows. ON CONFLICT DO NOTHING makes a redelivered
 # or duplicated task a no-op, which is what lets us ack after the commit and still be exact.
+#
+# The same round trip also names the batch's messages that have lifecycle events waiting
+# for them (an edit can arrive before its message: archive.lifecycle). It looks at the
+# whole batch, not only the new rows, so a crash between this commit and applying them is
+# repaired by the redelivery.
 INSERT_ROWS = """
-INSERT INTO messages (id, room, dm_lo, dm_hi, sender, content, ts_ms, stream_seq)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::bigint[], $8::bigint[])
-ON CONFLICT (id) DO NOTHING
+WITH inserted AS (
+    INSERT INTO messages (id, room, dm_lo, dm_hi, sender, content, ts_ms, stream_seq, reply_to)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::bigint[], $8::bigint[], $9::text[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted) AS new,
+       ARRAY(SELECT DISTINCT message_id FROM message_events
+             WHERE NOT applied AND message_id = ANY($1::text[])) AS pending
 """
 
 
@@ -155,10 +168,17 @@ async def write_rows(
     db: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy, rows: Sequence[Row]
 ) -> int:
     """Insert the rows not yet stored, atomically; returns how many were new."""
+    return (await write_rows_pending(db, rows))[0]
+
+
+async def write_rows_pending(
+    db: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy, rows: Sequence[Row]
+) -> tuple[int, list[str]]:
+    """write_rows, and the ids among the rows that have lifecycle events waiting."""
     if not rows:
-        return 0
+        return 0, []
     unique = list({row.id: row for row in rows}.values())
-    status = await db.execute(
+    record = await db.fetchrow(
         INSERT_ROWS,
         [r.id for r in unique],
         [r.room for r in unique],
@@ -168,13 +188,18 @@ async def write_rows(
         [r.content for r in unique],
         [r.ts_ms for r in unique],
         [r.stream_seq for r in unique],
+        [r.reply_to for r in unique],
     )
-    return int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <count>"
+    assert record is not None
+    return int(record["new"]), list(record["pending"])
 
 
 # --- History ----------------------------------------------------------------------------
 
-COLUMNS = "id, room, dm_lo, dm_hi, sender, content, ts_ms"
+# The last four: edits, deletes, reactions and replies (archive.lifecycle.page_states).
+COLUMNS = (
+    "id, room, dm_lo, dm_hi, sender, content, ts_ms, reply_to, edited_at_ms, deleted, has_reactions"
+)
 # Sorts after every message id (ids are [0-9A-Z] and the column collates bytewise), so
 # "id < AFTER_EVERY_ID" is the latest page and one query shape serves both kinds of page.
 AFTER_EVERY_ID = "~"
@@ -207,12 +232,20 @@ def record_message(record: asyncpg.Record) -> bytes:
     )
 
 
-def to_page(records: list[asyncpg.Record], limit: int) -> bytes:
+async def to_page(db: asyncpg.Pool, records: list[asyncpg.Record], limit: int) -> bytes:
     """Records newest first, one more than `limit` when older ones exist -> the encoded
-    pb.HistoryPage, oldest first."""
-    has_more = len(records) > limit
-    newest_first = records[:limit]
-    return wire.encode_page([record_message(r) for r in reversed(newest_first)], has_more)
+    pb.HistoryPage, oldest first, with the states of edited, deleted, reacted-to and
+    replying messages."""
+    return await encode_page(db, records[:limit], len(records) > limit)
+
+
+async def encode_page(
+    db: asyncpg.Pool, newest_first: list[asyncpg.Record], has_more: bool
+) -> bytes:
+    from archive.lifecycle import page_states  # it imports this module
+
+    states = await page_states(db, newest_first)
+    return wire.encode_page([record_message(r) for r in reversed(newest_first)], has_more, states)
 
 
 async def room_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int) -> bytes:
@@ -224,6 +257,9 @@ async def room_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: i
         raise bad_request(f"bad room {request.room!r}: {validate.NAME_RULE}")
     check_before_id(request.before_id)
     limit = page_limit(request.limit, page_max)
+    special = await _around_or_thread(db, "room = $1", [request.room], request, limit)
+    if special is not None:
+        return special
     # Paging by id, not ts_ms: ids are unique and sort by time, so messages sharing a
     # millisecond are neither skipped nor repeated across pages.
     records = await db.fetch(
@@ -232,7 +268,7 @@ async def room_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: i
         request.before_id or AFTER_EVERY_ID,
         limit + 1,
     )
-    return to_page(records, limit)
+    return await to_page(db, records, limit)
 
 
 async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int) -> bytes:
@@ -256,6 +292,9 @@ async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int
         if anchor is not None and (anchor["dm_lo"], anchor["dm_hi"]) != (lo, hi):
             raise ServiceError("403", "before_id is not a message of this thread")
     limit = page_limit(request.limit, page_max)
+    special = await _around_or_thread(db, "dm_lo = $1 AND dm_hi = $2", [lo, hi], request, limit)
+    if special is not None:
+        return special
     records = await db.fetch(
         f"SELECT {COLUMNS} FROM messages WHERE dm_lo = $1 AND dm_hi = $2"
         " AND id < $3 ORDER BY id DESC LIMIT $4",
@@ -264,4 +303,45 @@ async def dm_history(db: asyncpg.Pool, request: pb.HistoryRequest, page_max: int
         request.before_id or AFTER_EVERY_ID,
         limit + 1,
     )
-    return to_page(records, limit)
+    return await to_page(db, records, limit)
+
+
+async def _around_or_thread(
+    db: asyncpg.Pool, where: str, params: list[str], request: pb.HistoryRequest, limit: int
+) -> bytes | None:
+    """The page around a message, or a reply thread (issue 14); None for a plain page.
+    `where` restricts to the conversation asked for, so an id from another one gives
+    nothing of it."""
+    for value in (request.around_id, request.thread_id):
+        if value and not ids.is_valid_id(value):
+            raise bad_request(f"{value!r} is not a message id")
+    n = len(params)
+    if request.thread_id:
+        records = await db.fetch(
+            f"SELECT {COLUMNS} FROM messages WHERE {where}"
+            f" AND (id = ${n + 1} OR reply_to = ${n + 1}) ORDER BY id DESC LIMIT ${n + 2}",
+            *params,
+            request.thread_id,
+            limit + 1,
+        )
+        return await to_page(db, list(records), limit)
+    if not request.around_id:
+        return None
+    newer_count = limit // 2
+    older = await db.fetch(
+        f"SELECT {COLUMNS} FROM messages WHERE {where} AND id <= ${n + 1}"
+        f" ORDER BY id DESC LIMIT ${n + 2}",
+        *params,
+        request.around_id,
+        limit - newer_count + 1,
+    )
+    newer = await db.fetch(
+        f"SELECT {COLUMNS} FROM messages WHERE {where} AND id > ${n + 1}"
+        f" ORDER BY id LIMIT ${n + 2}",
+        *params,
+        request.around_id,
+        newer_count,
+    )
+    kept_older = list(older[: limit - newer_count])
+    newest_first = [*reversed(newer), *kept_older]
+    return await encode_page(db, newest_first, len(older) > len(kept_older))

@@ -24,3 +24,6 @@ class ArchiveSettings(CommonSettings):
     history_page_max: int = Field(default=200, gt=0)
     # How often lag (consumer pending) and Postgres reachability (readiness) are refreshed.
     monitor_interval: float = Field(default=2.0, gt=0)
+    # Edits later than this after their message are refused (the gateway refuses them
+    # first with the same default; this catches a forged or misconfigured publisher).
+    edit_window_s: float = Field(default=24 * 3600, gt=0)

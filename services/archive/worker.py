@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from archive import metrics, userstate
+from archive import lifecycle, metrics, userstate
 from archive.handlers import (
     DB_UNAVAILABLE,
     PoisonTask,
@@ -31,6 +31,7 @@ from archive.handlers import (
     one_line,
     task_row,
 )
+from archive.lifecycle import EventRow
 from archive.settings import ArchiveSettings
 
 log = logging.getLogger(__name__)
@@ -108,21 +109,24 @@ class ArchiveWorker:
                 return
             await self.keep_alive(held)
 
-    async def decode_batch(self, msgs: list[Msg]) -> list[tuple[Msg, Row]]:
+    async def decode_batch(self, msgs: list[Msg]) -> list[tuple[Msg, Row | EventRow]]:
         """The rows of a batch; poison tasks are dead-lettered here."""
         metrics.BATCH_SIZE.observe(len(msgs))
-        good: list[tuple[Msg, Row]] = []
+        good: list[tuple[Msg, Row | EventRow]] = []
         for msg in msgs:
             if msg.metadata.num_delivered > 1:
                 metrics.REDELIVERIES.inc()
             try:
+                if lifecycle.is_lifecycle(msg.headers):  # an edit, delete or reaction
+                    good.append((msg, lifecycle.event_row(msg.data, msg.headers)))
+                    continue
                 good.append((msg, task_row(msg.subject, msg.data, msg.headers)))
             except PoisonTask as exc:
                 # Undecodable or invalid: no retry can fix it. Park it and move on.
                 await self.dead_letter(msg, str(exc), "poison")
         return good
 
-    async def write_batch(self, batch: list[tuple[Msg, Row]]) -> None:
+    async def write_batch(self, batch: list[tuple[Msg, Row | EventRow]]) -> None:
         try:
             if batch:
                 await self.commit(batch)
@@ -132,13 +136,30 @@ class ArchiveWorker:
             log.exception("writing a batch failed unexpectedly; it will be redelivered")
         await self.flush_acks()
 
-    async def commit(self, batch: list[tuple[Msg, Row]]) -> None:
+    async def write(self, items: list[Row | EventRow]) -> tuple[int, list[tuple[str, Row]]]:
+        """Write messages (with their user state: archive.userstate) and lifecycle events
+        (archive.lifecycle); every step is idempotent, so a retry or a redelivery of any
+        part is harmless. Returns (new messages, mentions of members)."""
+        rows = [item for item in items if isinstance(item, Row)]
+        events = [item for item in items if isinstance(item, EventRow)]
+        new, mentioned = await userstate.write_messages(self.pool, rows)
+        pending = await lifecycle.waiting_for(self.pool, [r.id for r in rows])
+        if events:
+            await lifecycle.record(self.pool, events)
+        waiting = {*pending, *(e.message_id for e in events)}
+        if waiting:
+            window = int(self.settings.edit_window_s * 1000)
+            purge = await lifecycle.apply_pending(self.pool, waiting, window)
+            await lifecycle.purge_from_log(self.js, purge)
+        return new, mentioned
+
+    async def commit(self, batch: list[tuple[Msg, Row | EventRow]]) -> None:
         rows = [row for _, row in batch]
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                new, mentioned = await userstate.write_messages(self.pool, rows)
+                new, mentioned = await self.write(rows)
             except DB_UNAVAILABLE as exc:
                 # Keep the batch and retry here rather than nak it: a nak would count as a
                 # delivery, and a long outage must not push good tasks to the dead letters.
@@ -170,10 +191,10 @@ class ArchiveWorker:
         for msg, _ in batch:
             await self.ack(msg)
 
-    async def write_one_by_one(self, batch: list[tuple[Msg, Row]]) -> None:
+    async def write_one_by_one(self, batch: list[tuple[Msg, Row | EventRow]]) -> None:
         for msg, row in batch:
             try:
-                new, mentioned = await userstate.write_messages(self.pool, [row])
+                new, mentioned = await self.write([row])
                 metrics.ROWS_WRITTEN.inc(new)
                 if mentioned and self.on_mentions is not None:
                     await self.on_mentions(mentioned)

@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.history)
 
     p = add(
+        "search",
+        "full-text search of history as a user sees it",
+        "Search the archive (chat.history.search) as --as USER: the rooms given with --room "
+        "and USER's own DM threads, newest first; matches shown between [[ and ]].",
+    )
+    p.add_argument("query", help='words, "a phrase", -excluded, or')
+    p.add_argument("--as", dest="sender", required=True, help="the user searching")
+    p.add_argument("--room", action="append", help="a room to search (repeatable)")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--before", metavar="ID", help="only messages older than this id")
+    p.set_defaults(run=commands.search)
+
+    p = add(
         "who",
         "list users online (or a room's members)",
         "Ask chat-presence who is online, one user a line. With --room R: R's members "

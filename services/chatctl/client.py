@@ -21,7 +21,16 @@ from typing import Any, NamedTuple
 import betterproto2
 import nats
 import nats.errors
-from chatlib import backoff, codec, idempotency, ids, names, presence_client, validate
+from chatlib import (
+    backoff,
+    codec,
+    idempotency,
+    ids,
+    message_events,
+    names,
+    presence_client,
+    validate,
+)
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -275,6 +284,29 @@ class ChatClient:
         data, headers = await self._request(names.SERVICE_HISTORY, subject, request)
         return self._decode_reply(pb.HistoryPage, data, headers)
 
+    async def search(
+        self,
+        query: str,
+        *,
+        requester: str,
+        rooms: Sequence[str] = (),
+        before_id: str = "",
+        limit: int = 20,
+    ) -> pb.SearchPage:
+        """Full-text search as `requester` sees it: the given rooms and the requester's
+        own DM threads, newest first (issue 14)."""
+        if not query.strip() or len(query) > 200:
+            raise UsageError("query must be 1-200 characters")
+        request = pb.SearchRequest(
+            requester=check_name("user", requester),
+            rooms=[check_name("room", r) for r in rooms],
+            query=query,
+            before_id=before_id,
+            limit=limit,
+        )
+        data, headers = await self._request(names.SERVICE_HISTORY, names.HISTORY_SEARCH, request)
+        return self._decode_reply(pb.SearchPage, data, headers)
+
     async def rooms(self, prefix: str = "", after: str = "", limit: int = 50) -> pb.RoomsPage:
         """A page of the room directory (chat-userstate), by name."""
         request = pb.RoomsRequest(prefix=prefix, after=after, limit=limit)
@@ -402,6 +434,10 @@ def _jittered_reconnect(servers: list[Any], info: dict[str, Any]) -> tuple[Any, 
 
 def _decode_chat(msg: Msg) -> pb.ChatMessage | None:
     try:
-        return codec.decode_as(pb.ChatMessage, msg.data, msg.headers)
+        event = message_events.decode_chat(msg.data, msg.headers)
     except codec.DecodeError:
         return None  # not ours to fix: the archive parks such payloads in DEADLETTER
+    # Edits, deletes and reactions (issue 14) share the chat subjects; this stream (and
+    # the gRPC StreamMessages built on it) carries messages only, so they are skipped
+    # here on purpose: history and the WebSocket show their effect.
+    return event if isinstance(event, pb.ChatMessage) else None

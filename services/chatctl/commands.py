@@ -45,8 +45,9 @@ def check_names(args: argparse.Namespace) -> None:
         ("user", "state_user"),
     ):
         value = getattr(args, attr, None)
-        if value is not None:
-            check_name(kind, value)
+        for one in value if isinstance(value, list) else [value]:  # search: --room repeats
+            if one is not None:
+                check_name(kind, one)
     for user in getattr(args, "dm", None) or []:
         check_name("user", user)
     for subject in getattr(args, "subjects", None) or []:
@@ -155,6 +156,29 @@ async def history(client: ChatClient, args: argparse.Namespace, out: TextIO) -> 
     if page.has_more and page.messages:
         print(
             f"chatctl: older messages exist; next page: --before {page.messages[0].id}",
+            file=sys.stderr,
+        )
+    return ExitCode.OK
+
+
+async def search(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
+    page = await client.search(
+        args.query,
+        requester=args.sender,
+        rooms=args.room or [],
+        before_id=args.before or "",
+        limit=args.limit,
+    )
+    for hit in page.hits:
+        if hit.message is None:
+            continue
+        line = render.message_dict(hit.message)
+        # The snippet's match marks (U+E000/U+E001) as [[...]] on a terminal.
+        line["snippet"] = hit.snippet.replace("\ue000", "[[").replace("\ue001", "]]")
+        out.write(render.dumps(line) + "\n")
+    if page.has_more and page.hits and page.hits[-1].message is not None:
+        print(
+            f"chatctl: more results; next page: --before {page.hits[-1].message.id}",
             file=sys.stderr,
         )
     return ExitCode.OK

@@ -98,6 +98,22 @@ class Authenticator:
                 raise AuthError("guest token is not bound to a name reservation (no jti)")
         return Identity(user, float(claims["exp"]), holder)
 
+    def has_role(self, token: object, role: str) -> bool:
+        """Whether a valid identity-provider JWT carries `role` in its `roles` claim (a
+        list, or Keycloak's realm_access.roles). Guest tokens never carry roles: anyone can
+        get one."""
+        if not role or self.settings.auth_mode == "guest" or not isinstance(token, str):
+            return False
+        try:
+            claims = self._decode(token)
+        except (jwt.PyJWTError, AuthError):
+            return False
+        found = claims.get("roles")
+        realm = claims.get("realm_access")
+        if not isinstance(found, list) and isinstance(realm, dict):
+            found = realm.get("roles")
+        return isinstance(found, list) and role in found
+
     def _decode(self, token: str) -> dict[str, Any]:
         s = self.settings
         options: Any = {"require": ["exp", "sub"]}

@@ -70,6 +70,9 @@ SERVICE_HISTORY = "chat-history"
 HISTORY_SUBJECT = "chat.history"
 HISTORY_ROOM = "chat.history.room"
 HISTORY_DM = "chat.history.dm"
+# Issue 14: who wrote a message (the gateway's authorship check), and full-text search.
+HISTORY_MESSAGE = "chat.history.message"
+HISTORY_SEARCH = "chat.history.search"
 SERVICE_PRESENCE = "chat-presence"
 PRESENCE_WHO = "chat.presence.who"
 

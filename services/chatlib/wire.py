@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 # Field keys: (number << 3) | wire type. Wire type 2 = length-delimited, 0 = varint.
-_STRING_KEYS = {0x0A: 0, 0x12: 1, 0x1A: 2, 0x22: 3, 0x2A: 4, 0x3A: 6}  # -> tuple index
+# 0x72: reply_to (field 14).
+_STRING_KEYS = {0x0A: 0, 0x12: 1, 0x1A: 2, 0x22: 3, 0x2A: 4, 0x3A: 6, 0x72: 7}  # -> index
 _TS_KEY = 0x30  # ChatMessage.ts_ms (field 6, varint)
 _MESSAGES_KEY = b"\x0a"  # HistoryPage.messages / ArchiveTask.message (field 1, bytes)
 _HAS_MORE = b"\x10\x01"  # HistoryPage.has_more = true (field 2, varint)
+_STATES_KEY = b"\x1a"  # HistoryPage.states (field 3, bytes)
 
 
 class Fields(NamedTuple):
@@ -34,6 +36,7 @@ class Fields(NamedTuple):
     content: str
     ts_ms: int
     client_id: str
+    reply_to: str = ""
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
@@ -55,7 +58,7 @@ def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
 def parse_chat_message(data: bytes, pos: int = 0, end: int | None = None) -> Fields | None:
     """The fields of a canonically encoded ChatMessage in data[pos:end], or None."""
     end = len(data) if end is None else end
-    values: list[Any] = ["", "", "", "", "", 0, ""]
+    values: list[Any] = ["", "", "", "", "", 0, "", ""]
     last_key = 0
     while pos < end:
         key = data[pos]
@@ -117,7 +120,14 @@ def _string(key: bytes, text: str) -> bytes:
 
 
 def encode_message(
-    id: str, room: str, dm_peer: str, sender: str, content: str, ts_ms: int, client_id: str = ""
+    id: str,
+    room: str,
+    dm_peer: str,
+    sender: str,
+    content: str,
+    ts_ms: int,
+    client_id: str = "",
+    reply_to: str = "",
 ) -> bytes:
     """A ChatMessage from its fields (proto3: fields at their default are not written)."""
     parts = []
@@ -135,17 +145,35 @@ def encode_message(
         parts.append(b"\x30" + _varint(ts_ms if ts_ms > 0 else ts_ms + (1 << 64)))
     if client_id:
         parts.append(_string(b"\x3a", client_id))
+    if reply_to:
+        parts.append(_string(b"\x72", reply_to))
     return b"".join(parts)
 
 
 def encode_chat_message(m: Any) -> bytes:
     """`bytes(m)` for a pb.ChatMessage, without betterproto2's per-field machinery."""
-    return encode_message(m.id, m.room, m.dm_peer, m.sender, m.content, m.ts_ms, m.client_id)
+    return encode_message(
+        m.id, m.room, m.dm_peer, m.sender, m.content, m.ts_ms, m.client_id, m.reply_to
+    )
 
 
-def encode_page(messages: Sequence[bytes], has_more: bool) -> bytes:
-    """A HistoryPage of already encoded ChatMessages."""
+def encode_page(messages: Sequence[bytes], has_more: bool, states: Sequence[bytes] = ()) -> bytes:
+    """A HistoryPage of already encoded ChatMessages (and encoded MessageStates)."""
     parts = [_MESSAGES_KEY + _varint(len(m)) + m for m in messages]
+    if has_more:
+        parts.append(_HAS_MORE)
+    parts.extend(_STATES_KEY + _varint(len(s)) + s for s in states)
+    return b"".join(parts)
+
+
+def encode_search_page(hits: Sequence[tuple[bytes, str]], has_more: bool) -> bytes:
+    """A pb.SearchPage of (encoded ChatMessage, snippet) hits (issue 14)."""
+    parts = []
+    for message, snippet in hits:
+        hit = _MESSAGES_KEY + _varint(len(message)) + message
+        if snippet:
+            hit += _string(b"\x12", snippet)
+        parts.append(_MESSAGES_KEY + _varint(len(hit)) + hit)
     if has_more:
         parts.append(_HAS_MORE)
     return b"".join(parts)

@@ -149,7 +149,9 @@ DESTRUCTIVE_JS_API = ("$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>")
 # Single messages a service may delete: the archive removes a task it parked in the dead
 # letters after JetStream gave up delivering it (max deliveries). Deny wins over allow in
 # NATS, so the other streams are denied one by one rather than with a wildcard.
-DELETES_FROM = {"archive": (names.STREAM_ARCHIVE,)}
+# And (issue 14) the archive removes a deleted message and its edits from CHAT, so that
+# reconnect replay cannot serve deleted content.
+DELETES_FROM = {"archive": (names.STREAM_ARCHIVE, names.STREAM_CHAT)}
 
 
 def msg_delete_subject(stream: str) -> str:
@@ -198,6 +200,8 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.TYPING_ALL,
                 names.HISTORY_ROOM,  # requests to the archive's history service
                 names.HISTORY_DM,
+                names.HISTORY_MESSAGE,  # who wrote a message (before an edit or delete)
+                names.HISTORY_SEARCH,
                 names.PRESENCE_WHO,  # requests to presence's who-is-online service
                 kv_subject(names.KV_MEMBERS),  # room membership (gateway/roster.py)
                 kv_subject(names.KV_GUEST_NAMES),  # guest name reservations
@@ -245,6 +249,8 @@ def nats_permissions() -> dict[str, Permissions]:
             subscribe_allow=[
                 names.HISTORY_ROOM,
                 names.HISTORY_DM,
+                names.HISTORY_MESSAGE,
+                names.HISTORY_SEARCH,
                 names.USERSTATE_STATE,
                 names.USERSTATE_ROOMS,
                 names.USERSTATE_THREADS,

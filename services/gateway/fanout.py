@@ -19,7 +19,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 
-from chatlib import codec, names
+from chatlib import codec, message_events, names
+from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -58,7 +59,7 @@ class Hub:
         self._dm_delivered: OrderedDict[str, int] = OrderedDict()
         # Messages this gateway just published, by Nats-Msg-Id: (payload, message). Their
         # live copy is then not decoded again (decoding is the costliest step per message).
-        self._published: OrderedDict[str, tuple[bytes, pb.ChatMessage]] = OrderedDict()
+        self._published: OrderedDict[str, tuple[bytes, ChatEvent]] = OrderedDict()
         # The shared reconnect replay's logs follow the live messages (replay_cache.py).
         self.replay_log: SharedReplay | None = None
         # Where presence transitions go (gateway/scope.py); None: to every socket.
@@ -85,7 +86,7 @@ class Hub:
 
         return callback
 
-    def published(self, msg_id: str, payload: bytes, chat: pb.ChatMessage) -> None:
+    def published(self, msg_id: str, payload: bytes, chat: ChatEvent) -> None:
         self._published[msg_id] = (payload, chat)
         if len(self._published) > PUBLISHED_MAX:
             self._published.popitem(last=False)
@@ -220,7 +221,8 @@ class Hub:
             if mine is not None and mine[0] == msg.data:
                 chat = mine[1]  # the very bytes we published (a retry's could differ)
             else:
-                chat = codec.decode_as(pb.ChatMessage, msg.data, headers)
+                # A message, or an edit, delete or reaction (chatlib.message_events).
+                chat = message_events.decode_chat(msg.data, headers)
         except (ValueError, codec.DecodeError) as exc:
             log.warning("undecodable live message on %s: %s", msg.subject, exc)
             return
@@ -247,10 +249,11 @@ class Hub:
         except Exception as exc:  # clients still recover on their next reconnect
             log.error("gap refill on %s failed: %s", subject, exc)
             return
+        missed = message_events.honour_deletes(missed)
         for seq in sorted(missed):
             self._fan_out(seq, missed[seq], targets())
 
-    def _fan_out(self, seq: int, chat: pb.ChatMessage, targets: Iterable[Session]) -> None:
+    def _fan_out(self, seq: int, chat: ChatEvent, targets: Iterable[Session]) -> None:
         rendered = self._recent.get(seq)
         if rendered is None:
             rendered = frames.MessageFrames(chat, seq)

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from chatlib import validate
+from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
 
 VERSION = 1
@@ -26,6 +27,7 @@ CLOSE_UNAUTHORIZED = 4401
 
 CLIENT_TYPES = {"hello", "join", "leave", "send", "dm", "history", "typing", "ping"}
 CLIENT_TYPES |= {"members", "watch"}  # scoped presence (gateway/members.py)
+CLIENT_TYPES |= {"edit", "delete", "react", "search"}  # message lifecycle (issue 14)
 CLIENT_TYPES.add("auth")  # #17: a fresh token on a live socket (gateway.reauth)
 CLIENT_TYPES |= {"read", "rooms", "threads"}  # user state (gateway/userstate.py)
 # Frame types that cost a rate-limit token: the ones that make others (NATS, the archive,
@@ -34,8 +36,10 @@ CLIENT_TYPES |= {"read", "rooms", "threads"}  # user state (gateway/userstate.py
 # burst of sends never blocks reading. join/leave are reads: each can (un)subscribe on
 # NATS, and a client joins its rooms in a burst after connecting.
 WRITE_LIMITED_TYPES = {"send", "dm", "typing"}
+WRITE_LIMITED_TYPES |= {"edit", "delete", "react"}  # issue 14
 READ_LIMITED_TYPES = {"history", "join", "leave"}
 READ_LIMITED_TYPES |= {"members", "watch"}
+READ_LIMITED_TYPES |= {"search"}  # issue 14
 READ_LIMITED_TYPES.add("auth")  # verifying may fetch the provider's keys
 READ_LIMITED_TYPES |= {"read", "rooms", "threads"}
 RATE_LIMITED_TYPES = WRITE_LIMITED_TYPES | READ_LIMITED_TYPES
@@ -120,21 +124,33 @@ def message_object(msg: pb.ChatMessage, seq: int | None, with_client_id: bool) -
     obj.update(sender=msg.sender, content=msg.content, ts=msg.ts_ms)
     if with_client_id and msg.client_id:
         obj["client_id"] = msg.client_id
+    if msg.reply_to:
+        obj["reply_to"] = msg.reply_to
     return obj
 
 
 class MessageFrames:
-    """The two renderings of one message: for the sender's sessions (with client_id) and
-    for everyone else. Each is built at most once, however many sockets receive it."""
+    """The two renderings of one message (or edit, delete, reaction: see
+    gateway.lifecycle_frames): for the sender's sessions (with client_id) and for
+    everyone else. Each is built at most once, however many sockets receive it."""
 
     __slots__ = ("_others", "_own", "msg", "seq")
 
-    def __init__(self, msg: pb.ChatMessage, seq: int) -> None:
+    def __init__(self, msg: ChatEvent, seq: int) -> None:
         self.msg, self.seq = msg, seq
         self._own: str | None = None
         self._others: str | None = None
 
     def for_user(self, user: str) -> str:
+        if not isinstance(self.msg, pb.ChatMessage):
+            from gateway.lifecycle_frames import event_frame
+
+            own = user == self.msg.sender
+            if own and self._own is None:
+                self._own = event_frame(self.msg, self.seq, True)
+            if not own and self._others is None:
+                self._others = event_frame(self.msg, self.seq, False)
+            return (self._own if own else self._others) or ""
         if user == self.msg.sender:
             if self._own is None:
                 self._own = dumps({"type": "message", **message_object(self.msg, self.seq, True)})

@@ -9,15 +9,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chatlib import codec, idempotency, ids, names
+from chatlib import codec, idempotency, ids, message_events, names
 from chatlib.auth import Authenticator
 from chatlib.limits import TokenBucket
+from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, members, metrics, reauth, userstate
+from gateway import frames, lifecycle_frames, members, metrics, reauth, userstate
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.scope import PresenceScope
@@ -128,6 +129,7 @@ async def handle_send(frame: dict[str, Any], session: Session, deps: Deps) -> No
     if room not in session.rooms:
         raise FrameError("not_joined", f"join {room!r} before sending to it", cid)
     msg = _new_message(session.user, content, cid, room=room)
+    msg.reply_to = _reply_to_of(frame, cid)
     await session.start_send(_send_durably(msg, names.room_subject(room), session, deps))
 
 
@@ -140,8 +142,19 @@ async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None
     msg = _new_message(session.user, content, cid, dm_peer=peer)
     if deps.scope is not None:
         deps.scope.watch(session, peer)  # a DM peer's presence is worth seeing
+    msg.reply_to = _reply_to_of(frame, cid)
     subject = names.dm_subject(session.user, peer)
     await session.start_send(_send_durably(msg, subject, session, deps))
+
+
+def _reply_to_of(frame: dict[str, Any], cid: str) -> str:
+    """The optional id of the message this one replies to (issue 14)."""
+    reply_to = frame.get("reply_to")
+    if reply_to is None:
+        return ""
+    if not isinstance(reply_to, str) or not ids.is_valid_id(reply_to):
+        raise FrameError("bad_frame", "reply_to must be a message id", cid)
+    return reply_to
 
 
 def _new_message(
@@ -161,13 +174,18 @@ def _new_message(
 async def _send_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
     """publish_durably run beside the socket's receive loop (Session.start_send): the
     client's next frames are handled while this one waits for its PubAck."""
+    await send_event(msg, subject, session, deps)
+
+
+async def send_event(msg: ChatEvent, subject: str, session: Session, deps: Deps) -> None:
+    """_send_durably for any event on a chat subject (edits, deletes, reactions too)."""
     try:
         await publish_durably(msg, subject, session, deps)
     except FrameError as exc:
         _refuse(session, exc)
 
 
-async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
+async def publish_durably(msg: ChatEvent, subject: str, session: Session, deps: Deps) -> None:
     """Ack only after JetStream stored it. The client_id is an idempotency key (see
     chatlib.idempotency): a retry of the same request (any gateway, within the duplicate
     window) is acked with the original's id, seq and time and `duplicate: true`; the same
@@ -177,7 +195,7 @@ async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, d
     check = deps.settings.idempotency_check
     expected = ""
     if check:
-        expected = headers[names.HEADER_REQUEST_HASH] = idempotency.fingerprint(msg)
+        expected = headers[names.HEADER_REQUEST_HASH] = message_events.fingerprint(msg)
     # Its live copy may come back before the PubAck: remember it first.
     deps.hub.published(key, payload, msg)
     try:
@@ -194,9 +212,9 @@ async def publish_durably(msg: pb.ChatMessage, subject: str, session: Session, d
             deps.hub.forget(key, payload)
             stored = await deps.js.get_msg(names.STREAM_CHAT, ack.seq)
             data = stored.data or b""
-            if check:
-                idempotency.check_replay(expected, msg.client_id, data, stored.headers)
-            original = codec.decode_as(pb.ChatMessage, data, stored.headers)
+            if check and message_events.stored_fingerprint(data, stored.headers) != expected:
+                raise idempotency.IdempotencyConflict(msg.client_id)
+            original = message_events.decode_chat(data, stored.headers)
             msg_id, ts = original.id, original.ts_ms
     except idempotency.IdempotencyConflict as exc:
         metrics.IDEMPOTENCY_CONFLICTS.inc()
@@ -231,6 +249,8 @@ async def handle_history(frame: dict[str, Any], session: Session, deps: Deps) ->
     if not isinstance(before, str) or (before and not ids.is_valid_id(before)):
         raise FrameError("bad_frame", "before must be a message id", "history")
     request = pb.HistoryRequest(requester=session.user, before_id=before, limit=limit)
+    extra = lifecycle_frames.history_options(frame)  # around / thread (issue 14)
+    request.around_id, request.thread_id = extra.get("around", ""), extra.get("thread", "")
     target: dict[str, str]
     if "room" in frame:
         request.room = frames.room_of(frame, "history")
@@ -261,8 +281,16 @@ async def handle_history(frame: dict[str, Any], session: Session, deps: Deps) ->
     except codec.DecodeError as exc:
         raise unavailable from exc
     messages = [frames.message_object(m, None, m.sender == session.user) for m in page.messages]
+    if page.states:  # edits, deletes, reactions, replies (issue 14)
+        states = {state.id: state for state in page.states}
+        for obj in messages:
+            state = states.get(obj["id"])
+            if state is not None:
+                obj.update(lifecycle_frames.state_fields(state))
     session.push(
-        frames.dumps({"type": "history", **target, "messages": messages, "has_more": page.has_more})
+        frames.dumps(
+            {"type": "history", **target, **extra, "messages": messages, "has_more": page.has_more}
+        )
     )
 
 
@@ -310,3 +338,17 @@ HANDLERS: dict[str, Handler] = {
     "rooms": userstate.handle_rooms,
     "threads": userstate.handle_threads,
 }
+
+
+def _register_lifecycle() -> None:
+    from gateway import lifecycle  # imports this module: registered once both exist
+
+    HANDLERS.update(
+        edit=lifecycle.handle_edit,
+        delete=lifecycle.handle_delete,
+        react=lifecycle.handle_react,
+        search=lifecycle.handle_search,
+    )
+
+
+_register_lifecycle()

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
-from chatlib import codec, names
-from chatlib.proto.chat import v1 as pb
+from chatlib import codec, message_events, names
+from chatlib.message_events import ChatEvent
 from nats.js import JetStreamContext, api
 
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 256
 FETCH_TIMEOUT = 2.0
+
+
+@dataclass
+class Replay:
+    messages: list[tuple[int, ChatEvent]]
+    complete: bool
 
 
 def filter_groups(user: str, rooms: list[str]) -> list[list[str]]:
@@ -28,9 +35,29 @@ def filter_groups(user: str, rooms: list[str]) -> list[list[str]]:
     return [[*(names.room_subject(r) for r in sorted(rooms)), mine], [theirs]]
 
 
+async def replay(
+    js: JetStreamContext, user: str, rooms: list[str], after_seq: int, upto_seq: int, limit: int
+) -> Replay:
+    if upto_seq <= after_seq:
+        return Replay([], True)
+    info = await js.stream_info(names.STREAM_CHAT)
+    # Messages older than the stream's first one have aged out of the log.
+    complete = after_seq + 1 >= info.state.first_seq
+    found: dict[int, ChatEvent] = {}
+    for subjects in filter_groups(user, rooms):
+        found.update(await read_range(js, subjects, after_seq + 1, upto_seq))
+    # Content deleted within the range is not replayed (the archive also removes deleted
+    # messages from the log; this covers the moment before it has).
+    found = message_events.honour_deletes(found)
+    seqs = sorted(found)
+    if len(seqs) > limit:
+        seqs, complete = seqs[-limit:], False
+    return Replay([(s, found[s]) for s in seqs], complete)
+
+
 async def read_range(
     js: JetStreamContext, subjects: list[str], start: int, upto: int
-) -> dict[int, pb.ChatMessage]:
+) -> dict[int, ChatEvent]:
     """Messages on `subjects` (non-overlapping filters) with start <= seq <= upto."""
     config = api.ConsumerConfig(
         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -43,7 +70,7 @@ async def read_range(
     )
     consumer = await js.add_consumer(names.STREAM_CHAT, config)
     pending = consumer.num_pending or 0
-    out: dict[int, pb.ChatMessage] = {}
+    out: dict[int, ChatEvent] = {}
     sub = await js.pull_subscribe_bind(consumer=consumer.name, stream=names.STREAM_CHAT)
     try:
         seen = 0
@@ -60,7 +87,7 @@ async def read_range(
                     done = True
                     break
                 try:
-                    out[seq] = codec.decode_as(pb.ChatMessage, msg.data, msg.headers)
+                    out[seq] = message_events.decode_chat(msg.data, msg.headers)
                 except codec.DecodeError as exc:
                     log.warning("skipping undecodable message seq %d: %s", seq, exc)
             if seen >= pending:

@@ -29,8 +29,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from chatlib import names
-from chatlib.proto.chat import v1 as pb
+from chatlib import message_events, names
+from chatlib.message_events import ChatEvent
 from nats.js import JetStreamContext
 
 from gateway import metrics, recovery
@@ -40,6 +40,7 @@ from gateway.frames import MessageFrames
 log = logging.getLogger(__name__)
 
 DM_FILTER = names.DM_ALL  # chat.dm.*.*
+DM_PREFIX = DM_FILTER.removesuffix("*.*")
 UNBOUNDED = 1 << 62
 
 
@@ -75,7 +76,7 @@ class SharedReplay:
         self._logs: dict[str, _Log] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Live messages that arrived while a filter's log was being read: applied after.
-        self._pending: dict[str, list[tuple[str, int, int, pb.ChatMessage]]] = {}
+        self._pending: dict[str, list[tuple[str, int, int, ChatEvent]]] = {}
         self._first_seq = SharedRead(self._read_first_seq)
 
     async def _read_first_seq(self) -> int:
@@ -85,9 +86,9 @@ class SharedReplay:
     def wants_dm(self) -> bool:
         return DM_FILTER in self._logs or DM_FILTER in self._pending
 
-    def live(self, subject: str, previous: int, seq: int, msg: pb.ChatMessage) -> None:
+    def live(self, subject: str, previous: int, seq: int, msg: ChatEvent) -> None:
         """A live message the hub received on a chat subject (room or DM)."""
-        key = DM_FILTER if msg.dm_peer else subject
+        key = DM_FILTER if subject.startswith(DM_PREFIX) else subject
         pending = self._pending.get(key)
         if pending is not None:
             pending.append((subject, previous, seq, msg))
@@ -97,7 +98,7 @@ class SharedReplay:
             self._extend(key, entry, subject, previous, seq, msg)
 
     def _extend(
-        self, key: str, entry: _Log, subject: str, previous: int, seq: int, msg: pb.ChatMessage
+        self, key: str, entry: _Log, subject: str, previous: int, seq: int, msg: ChatEvent
     ) -> None:
         if seq <= entry.read_hi or seq in entry.msgs:
             return  # the stream read had it
@@ -134,6 +135,9 @@ class SharedReplay:
         for seq, (subject, msg) in dms.msgs.items():
             if seq > after and user in subject.split(".")[2:]:
                 found[seq] = msg
+        # Content deleted within the range is not replayed (message_events.honour_deletes).
+        kept = message_events.honour_deletes({seq: f.msg for seq, f in found.items()})
+        found = {seq: found[seq] for seq in kept}
         seqs = sorted(found)
         replay_after = after
         if len(seqs) > limit:
@@ -189,7 +193,5 @@ class SharedReplay:
             del self._logs[key]
 
 
-def _subject_of(msg: pb.ChatMessage) -> str:
-    if msg.dm_peer:
-        return names.dm_subject(msg.sender, msg.dm_peer)
-    return names.room_subject(msg.room)
+def _subject_of(msg: ChatEvent) -> str:
+    return message_events.subject_of(msg)

@@ -127,6 +127,7 @@ class Session:
         "holder",
         "id",
         "live_buffer",
+        "operator",
         "read_bucket",
         "rooms",
         "sends",
@@ -137,6 +138,8 @@ class Session:
         self.id = ids.new_id()
         self.user = user
         self.rooms: set[str] = set()
+        # The token carries the operator role: may delete anyone's message (issue 14).
+        self.operator = False
         self._send = send
         self._protocol = _direct_protocol(send)
         self._limit = settings.send_queue_frames

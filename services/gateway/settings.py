@@ -68,6 +68,11 @@ class GatewaySettings(ClientSettings):
     # Strict-Transport-Security is sent when the page is served over https (behind TLS).
     hsts_max_age: int = Field(default=31536000, ge=0)
 
+    # Message lifecycle (issue 14): how long after sending its author may edit a message,
+    # and the JWT role whose holders may delete anyone's message (empty: nobody).
+    edit_window_s: float = Field(default=24 * 3600, gt=0)
+    operator_role: str = "chat-operator"
+
     def check_production(self) -> None:
         super().check_production()
         if not self.idempotency_check:

@@ -330,7 +330,9 @@ async def _read_tail(
 ) -> dict[int, pb.ChatMessage]:
     found: dict[int, pb.ChatMessage] = {}
     for subjects in recovery.filter_groups(user, sorted(rooms)):
-        found.update(await recovery.read_range(deps.js, subjects, after + 1, upto))
+        events = await recovery.read_range(deps.js, subjects, after + 1, upto)
+        # Messages only: edits, deletes and reactions (issue 14) are not unread messages.
+        found.update((seq, e) for seq, e in events.items() if isinstance(e, pb.ChatMessage))
     return found
 
 

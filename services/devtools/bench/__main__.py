@@ -43,6 +43,9 @@ def _register_optional() -> None:
     from devtools.bench import rpc_scenarios
 
     SCENARIOS["rpc"] = rpc_scenarios.rpc
+    from devtools.bench import search_scenarios
+
+    SCENARIOS["search"] = search_scenarios.search
     from devtools.bench import userstate_scenarios
 
     SCENARIOS["userstate"] = userstate_scenarios.userstate

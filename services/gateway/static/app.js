@@ -4,6 +4,7 @@
 
 import { askRetryAfter, reconnectDelay } from "./backoff.js";
 import { MemberList } from "./members.js";
+import * as actions from "./actions.js";
 import * as oidc from "./oidc.js";
 import * as userstate from "./userstate.js";
 
@@ -646,6 +647,14 @@ function handleFrame(f) {
       return onError(f);
     case "pong":
       return;
+    case "edit": // message lifecycle (actions.js)
+      return actions.onEdit(f);
+    case "delete":
+      return actions.onDelete(f);
+    case "reaction":
+      return actions.onReaction(f);
+    case "search":
+      return actions.onSearch(f);
     case "membership":
       return userstate.onMembership(f);
     case "read":
@@ -754,6 +763,7 @@ function normalizeMessage(m) {
     content: typeof m.content === "string" ? m.content : String(m.content ?? ""),
     ts: typeof m.ts === "number" ? m.ts : Date.now(),
     client_id: typeof m.client_id === "string" ? m.client_id : null,
+    ...actions.lifecycleFields(m),
   };
 }
 
@@ -842,6 +852,9 @@ function onHistory(f) {
       else m.to = m.sender === state.user ? f.with : state.user;
     }
     if (m.client_id && state.pending.has(m.client_id)) resolvePending(m.client_id);
+    const known = t.messages.get(m.id);
+    // History knows edits, deletes and reactions made while we were away.
+    if (known && (m.deleted || (m.edited_at && !known.version) || m.reactions.size)) Object.assign(known, m);
     addMessage(t, m);
   }
   if (key === state.current) {
@@ -853,6 +866,7 @@ function onHistory(f) {
     else box.scrollTop = box.scrollHeight - fromBottom; // keep the reader's place
     updateHistoryStatus(t);
   }
+  actions.continueJump();
 }
 
 function onPresence(user, online) {
@@ -883,6 +897,7 @@ function clearTyping(t, user) {
 const RETRYABLE = new Set(["send_failed", "rate_limited"]);
 
 function onError(f) {
+  if (actions.onActionError(f)) return;
   const p = f.ref ? state.pending.get(f.ref) : null;
   if (p) {
     if (RETRYABLE.has(f.code)) {
@@ -957,6 +972,8 @@ function sendMessage(text) {
     t.kind === "room"
       ? { type: "send", room: t.name, content: text, client_id }
       : { type: "dm", to: t.name, content: text, client_id };
+  const replyTo = actions.takeReplyTo(key);
+  if (replyTo) frame.reply_to = replyTo;
   state.pending.set(client_id, { frame, key, status: state.connected ? "sending" : "waiting", ts: Date.now(), id: null });
   state.outbox.push(client_id);
   appendPendingNode(client_id);
@@ -1401,16 +1418,20 @@ function messageNode(m, prev) {
   } else {
     body.append(el("span", { class: "sr-only", text: `${m.sender}: ` }));
   }
-  const line = el("div", { class: "line" }, contentNode(m.content));
+  const line = el("div", { class: "line" }, contentNode(m));
   if (mine) line.append(el("span", { class: "state", title: "sent", "aria-label": "sent", text: "✓", dataset: { testid: "state" } }));
   body.append(line);
   if (isLong(m.content)) body.append(showMoreButton(line));
   li.append(body);
+  actions.decorate(li, m, thread(threadKeyOf(m)));
   return li;
 }
 
-function contentNode(text) {
-  const node = el("div", { class: "content", dir: "auto", text, dataset: { testid: "content" } });
+function contentNode(message) {
+  const m = typeof message === "string" ? { content: message } : message; // a pending one: text
+  const text = m.content;
+  // Rich text (links, **bold**, _italic_, code) as DOM nodes: richtext.js.
+  const node = el("div", { class: "content", dir: "auto", dataset: { testid: "content" } }, ...actions.contentNodes(m));
   if (state.user && mentions(text, state.user)) node.classList.add("mention");
   if (isLong(text)) node.classList.add("clamped");
   return node;
@@ -1791,7 +1812,17 @@ function onGlobalKey(ev) {
   }
 }
 
+// What actions.js (edit, delete, react, reply, search) may use of the page.
+function refreshThread(key) {
+  if (key !== state.current) return;
+  const box = $("messages");
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  renderMessages(thread(key));
+  box.scrollTop = box.scrollHeight - fromBottom;
+}
+
 function init() {
+  actions.initActions({ state, send, thread, el, notice, openThread, loadOlder, refresh: refreshThread });
   applyTheme();
   darkQuery.addEventListener("change", applyTheme);
   $("theme").addEventListener("click", toggleTheme);
