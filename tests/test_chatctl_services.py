@@ -143,6 +143,25 @@ async def test_who_lists_users_online_and_stats_counts_them(
     assert stats.code == 0, stats.err
     assert json.loads(stats.out)["presence"]["online"] == 2
 
+    # Room members, as gateways record them (key <room>.<user>), with their presence.
+    members = await client.js.key_value(names.KV_MEMBERS)
+    for user in ("carol", "ann"):
+        await members.put(names.member_key("dev", user), b"1")
+    await members.put(names.member_key("other", "bob"), b"1")
+    room = await run_chatctl("-s", url, "who", "--room", "dev")
+    assert room.code == 0, room.err
+    assert room.out.splitlines() == ["ann\tonline", "carol\toffline"]
+    as_json = await run_chatctl("-s", url, "who", "--room", "dev", "--json")
+    assert json.loads(as_json.out) == {
+        "room": "dev",
+        "members": [{"user": "ann", "online": True}, {"user": "carol", "online": False}],
+        "total": 2,
+    }
+    lobby = await run_chatctl("-s", url, "who", "--room", "lobby")
+    assert lobby.out.splitlines() == ["ann\tonline", "bob\tonline"]
+    bad = await run_chatctl("-s", url, "who", "--room", "Not A Room")
+    assert bad.code == 2 and bad.out == ""
+
 
 async def test_stats_shows_the_archive_queue_drained_after_writes(
     archive: ServiceProcess, client: ChatClient, url: str

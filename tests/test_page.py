@@ -926,3 +926,36 @@ async def test_retry_now_reconnects_at_once_after_the_server_is_back(
         await expect(retry).to_be_hidden()
     finally:
         await close_all(alice)
+
+
+# ---------------------------------------------------------------------------------------
+# Room members with presence (#15: static/members.js)
+
+
+async def test_the_room_shows_its_members_and_their_presence(
+    browser: Any, system: ChatSystem
+) -> None:
+    from playwright.async_api import expect
+
+    room = unique("team")
+    alice = await new_person(browser, system, unique("alice"))
+    bob = await new_person(browser, system, unique("bob"))
+    carol = await new_person(browser, system, unique("carol"))  # lobby only
+    try:
+        await bob.join(room)
+        await alice.join(room)
+        members = alice.page.locator("#members")
+        await expect(alice.page.locator("#members-room")).to_have_text(f"#{room}")
+        bob_item = members.locator(f'li[data-user="{bob.name}"]')
+        await expect(bob_item).to_have_attribute("data-online", "true", timeout=WAIT_MS)
+        await expect(members.locator(f'li[data-user="{alice.name}"]')).to_have_count(1)
+        await expect(members.locator(f'li[data-user="{carol.name}"]')).to_have_count(0)
+        # bob goes away: still a member, now offline (pushed, not asked again).
+        await bob.context.close()
+        await expect(bob_item).to_have_attribute("data-online", "false", timeout=WAIT_MS)
+        await expect(alice.page.locator("#members-count")).to_have_text("1 / 2")
+        # A DM (no room): no member list.
+        await alice.open_dm(carol.name)
+        await expect(alice.page.locator("#members-section")).to_be_hidden()
+    finally:
+        await close_all(alice, carol)

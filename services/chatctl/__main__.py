@@ -154,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before", metavar="ID", help="only messages older than this id")
     p.set_defaults(run=commands.search)
 
-    p = add("who", "list users online", "Ask chat-presence who is online, one user a line.")
+    p = add(
+        "who",
+        "list users online (or a room's members)",
+        "Ask chat-presence who is online, one user a line. With --room R: R's members "
+        "(who joined it and has not left), each with online/offline.",
+    )
+    p.add_argument("--room", metavar="ROOM", help="list this room's members instead")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=commands.who)
 

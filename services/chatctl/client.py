@@ -21,7 +21,16 @@ from typing import Any, NamedTuple
 import betterproto2
 import nats
 import nats.errors
-from chatlib import codec, idempotency, ids, message_events, names, presence_client, validate
+from chatlib import (
+    backoff,
+    codec,
+    idempotency,
+    ids,
+    message_events,
+    names,
+    presence_client,
+    validate,
+)
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -122,6 +131,10 @@ class ChatClient:
             # nats-py treats 0 as "no limit" on the first connect; 1 means one retry.
             "max_reconnect_attempts": 1 if fail_fast else -1,
         }
+        if not fail_fast:
+            # Full-jitter exponential backoff (chatlib.backoff): bots that lost the same
+            # NATS server do not all come back in the same instant.
+            options["reconnect_to_server_handler"] = _jittered_reconnect
         if creds:
             options["user_credentials"] = creds
         elif user:
@@ -315,6 +328,29 @@ class ChatClient:
         except presence_client.PresenceUnavailable as exc:
             raise ServiceUnavailable(f"{names.SERVICE_PRESENCE} unavailable: {exc}") from exc
 
+    async def members(self, room: str) -> list[tuple[str, bool]]:
+        """The members of a room (who joined it and has not left) with their online
+        state, sorted by name. The lobby's members are the users online."""
+        check_name("room", room)
+        online = set(await self.who())
+        if room == LOBBY:
+            return [(user, True) for user in sorted(online)]
+        try:
+            kv = await self.js.key_value(names.KV_MEMBERS)
+            watcher = await kv.watch(f"{room}.*", ignore_deletes=True, meta_only=True)
+        except Exception as exc:
+            raise ServiceUnavailable(f"room membership unavailable: {exc}") from exc
+        users: list[str] = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                users.append(entry.key.partition(".")[2])
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return [(user, user in online) for user in sorted(users)]
+
     @staticmethod
     def _decode_reply(cls: type[codec.M], data: bytes, headers: dict[str, str]) -> codec.M:
         try:
@@ -384,6 +420,16 @@ class ChatClient:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+LOBBY = "lobby"  # every socket is in it (the gateway's frames.LOBBY)
+
+
+def _jittered_reconnect(servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+    """nats-py's reconnect hook: the server tried least so far, after a full-jitter delay
+    that grows with the attempts (a server that was reached resets its count)."""
+    server = min(servers, key=lambda s: s.reconnects)
+    return server, backoff.delay(server.reconnects)
 
 
 def _decode_chat(msg: Msg) -> pb.ChatMessage | None:

@@ -185,6 +185,16 @@ async def search(client: ChatClient, args: argparse.Namespace, out: TextIO) -> i
 
 
 async def who(client: ChatClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.room:
+        members = await client.members(args.room)
+        if args.json:
+            listed = [{"user": u, "online": on} for u, on in members]
+            out.write(json.dumps({"room": args.room, "members": listed, "total": len(listed)}))
+            out.write("\n")
+        else:
+            for user, online in members:
+                out.write(f"{user}\t{'online' if online else 'offline'}\n")
+        return ExitCode.OK
     users = await client.who()
     if args.json:
         out.write(json.dumps({"users": users, "total": len(users)}) + "\n")

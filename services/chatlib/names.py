@@ -56,6 +56,9 @@ PRESENCE_EVENTS_ALL = "presence.event.>"
 # but before publishing can be retried by another without a duplicate (dedup on id).
 STREAM_PRESENCE = "PRESENCE"
 KV_PRESENCE = "presence"
+# Room membership (who joined which room and has not left), for scoped presence and member
+# lists: key <room>.<user>, written by gateways, mirrored by every gateway (gateway/roster.py).
+KV_MEMBERS = "members"
 
 # --- Guest names -----------------------------------------------------------------------
 # Guest name reservations: key <name>, value the holder id (the guest token's jti).
@@ -126,6 +129,10 @@ def typing_dm_subject(a: str, b: str) -> str:
 
 def heartbeat_subject(gateway_id: str) -> str:
     return f"{PRESENCE_HEARTBEAT}.{gateway_id}"
+
+
+def member_key(room: str, user: str) -> str:
+    return f"{room}.{user}"
 
 
 def online_subject(user: str) -> str:

@@ -209,7 +209,25 @@ async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
 async def provision(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
     for config in stream_configs(settings):
         await ensure_stream(js, config)
+    await ensure_members_bucket(js, settings)
     return await ensure_presence_bucket(js, settings)
+
+
+async def ensure_members_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
+    try:
+        return await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=names.KV_MEMBERS,
+                description="Room membership: <room>.<user> for who joined and has not left",
+                history=1,
+                storage=api.StorageType.FILE,
+                replicas=settings.stream_replicas,
+            )
+        )
+    except BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise
+        return await js.key_value(names.KV_MEMBERS)
 
 
 async def ensure_presence_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:

@@ -118,8 +118,10 @@ class Permissions:
 
 
 KV_STREAM_PRESENCE = f"KV_{names.KV_PRESENCE}"
+KV_STREAM_MEMBERS = f"KV_{names.KV_MEMBERS}"
 KV_STREAM_GUEST_NAMES = f"KV_{names.KV_GUEST_NAMES}"
 ALL_STREAMS = (
+    KV_STREAM_MEMBERS,
     names.STREAM_CHAT,
     names.STREAM_ARCHIVE,
     names.STREAM_DEAD,
@@ -131,7 +133,7 @@ ALL_STREAMS = (
 # Streams whose consumers each service may create, read and ack. Everything else is
 # denied, e.g. the gateway cannot pull (steal) the archive's work queue.
 CONSUMES = {
-    "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE),
+    "gateway": (names.STREAM_CHAT, KV_STREAM_PRESENCE, KV_STREAM_MEMBERS),
     "presence": (names.STREAM_PRESENCE, KV_STREAM_PRESENCE),
     # USERSTATE: the durable consumer applying events, and reads of its unapplied tail.
     "archive": (names.STREAM_ARCHIVE, names.STREAM_DEAD, names.STREAM_USERSTATE),
@@ -201,6 +203,7 @@ def nats_permissions() -> dict[str, Permissions]:
                 names.HISTORY_MESSAGE,  # who wrote a message (before an edit or delete)
                 names.HISTORY_SEARCH,
                 names.PRESENCE_WHO,  # requests to presence's who-is-online service
+                kv_subject(names.KV_MEMBERS),  # room membership (gateway/roster.py)
                 kv_subject(names.KV_GUEST_NAMES),  # guest name reservations
                 names.USER_MEMBERSHIP_ALL,  # user-state events, through stream USERSTATE
                 names.USER_READ_ALL,

@@ -28,12 +28,16 @@ from nats.js import JetStreamContext
 from starlette.datastructures import Headers
 from starlette.staticfiles import StaticFiles
 
-from gateway import frames, handlers, metrics, reauth, recovery, userstate
+from gateway import frames, handlers, metrics, reauth, userstate
+from gateway.admission import Admission, Ticket, TokenCache
 from gateway.auth import content_security_policy, origin_allowed, security_headers
 from gateway.batching import SharedRead
 from gateway.fanout import Hub
 from gateway.frames import FrameError
 from gateway.presence import PresenceLink
+from gateway.replay_cache import SharedReplay
+from gateway.roster import Roster
+from gateway.scope import PresenceScope, watch_list
 from gateway.session import Session
 from gateway.settings import GatewaySettings
 
@@ -54,6 +58,10 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.auth = Authenticator(settings)
+        self.tokens = TokenCache(self.auth, settings.token_cache_ttl)
+        self.admission = Admission(
+            settings.hello_concurrency, settings.hello_queue, settings.hello_retry_after
+        )
         self.accepting = False
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -63,20 +71,33 @@ class Gateway:
         self.active: set[asyncio.Task[Any]] = set()
         self.sessions: set[Session] = set()
         self._chat_position: SharedRead[int] | None = None
-        self._online: SharedRead[list[str] | None] | None = None
+        self.roster: Roster | None = None
+        self.replay: SharedReplay | None = None
+        self.scope: PresenceScope | None = None
+        self._online_known: SharedRead[bool] | None = None
         self.guest_names: GuestNames | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
         self.nc, self.js = nc, js
         self.hub = Hub(nc, js)
+        self.replay = SharedReplay(
+            js,
+            self.settings.recovery_max_messages,
+            self.settings.replay_cache_ttl,
+            self.settings.replay_backfill,
+        )
+        self.hub.replay_log = self.replay
         await self.hub.start()
         self.user_events = userstate.UserEvents(nc, self.hub)
         await self.user_events.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
+        self.roster = Roster(nc, js, self.settings)
+        self.scope = PresenceScope(self.hub, self.roster, self.settings)
+        await self.roster.start()
         self._chat_position = SharedRead(self._read_chat_position)
-        self._online = SharedRead(self.presence.who)
+        self._online_known = SharedRead(self.roster.resync_online)
         if self.settings.auth_mode == "guest":
             s = self.settings
             kv = await ensure_bucket(js, s.guest_hold, s.stream_replicas)
@@ -116,6 +137,8 @@ class Gateway:
             await asyncio.wait(set(self.active))
 
     async def close(self) -> None:
+        if self.roster is not None:
+            await self.roster.stop()
         if self.guest_names is not None:
             await self.guest_names.stop()
         if self.user_events is not None:
@@ -127,7 +150,9 @@ class Gateway:
 
     def deps(self) -> handlers.Deps:
         assert self.nc is not None and self.js is not None and self.hub is not None
-        return handlers.Deps(self.nc, self.js, self.hub, self.settings, self.auth)
+        return handlers.Deps(
+            self.nc, self.js, self.hub, self.settings, scope=self.scope, auth=self.auth
+        )
 
     # --- the WebSocket ------------------------------------------------------------------
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -152,8 +177,21 @@ class Gateway:
             log.info("websocket refused", extra={"origin": headers.get("origin")})
             await send({"type": "websocket.close", "code": frames.CLOSE_POLICY})
             return
-        await send({"type": "websocket.accept"})
+        if self.admission.full():
+            # Before the upgrade: the client learns when to come back without costing a
+            # socket here (HTTP 503 + Retry-After, honoured by our clients' backoff).
+            metrics.HELLO_REFUSED.inc()
+            await send(_busy_response(self.admission.retry_after()))
+            await send({"type": "websocket.http.response.body", "body": b"busy, retry later\n"})
+            return
+        ticket = self.admission.ticket()
+        try:
+            await send({"type": "websocket.accept"})
+            await self._greet(receive, send, ticket)
+        finally:
+            ticket.done()
 
+    async def _greet(self, receive: Receive, send: Send, ticket: Ticket) -> None:
         async def refuse(code: str, message: str) -> None:
             await send({"type": "websocket.send", "text": frames.error(code, message, "hello")})
             await send({"type": "websocket.close", "code": frames.CLOSE_UNAUTHORIZED})
@@ -169,7 +207,7 @@ class Gateway:
             hello = frames.parse(raw)
             if hello["type"] != "hello":
                 raise FrameError("unauthorized", "the first frame must be hello")
-            identity = await reauth.identify(self.auth, hello.get("token"))
+            identity = await self.tokens.identify(hello.get("token"))
             await self._hold_name(identity)
         except (FrameError, AuthError) as exc:
             await refuse("unauthorized", str(exc))
@@ -177,6 +215,7 @@ class Gateway:
         except NameTaken:
             await refuse("name_taken", f"{identity.user!r} is held by someone else")
             return
+        await ticket.turn()
         session = Session(identity.user, send, self.settings)
         session.holder = identity.holder
         # Issue 14: may this user delete anyone's message (a role in the hello's token)?
@@ -191,11 +230,13 @@ class Gateway:
         self.sessions.add(session)
         reauth.schedule_expiry(session, identity.expires_at)
         try:
-            await self._run_session(session, hello, receive)
+            await self._run_session(session, hello, receive, ticket)
         finally:
             reauth.cancel_expiry(session)
             self.sessions.discard(session)
             await self.deps().hub.remove(session)
+            if self.scope is not None:
+                self.scope.forget(session)
             if self.presence is not None:
                 self.presence.closed(session.id, session.user)
             await session.finished()
@@ -214,7 +255,9 @@ class Gateway:
             log.warning("cannot check guest name %s: %s", identity.user, exc)
             raise AuthError("guest names are unavailable right now; try again") from exc
 
-    async def _run_session(self, session: Session, hello: dict[str, Any], receive: Receive) -> None:
+    async def _run_session(
+        self, session: Session, hello: dict[str, Any], receive: Receive, ticket: Ticket
+    ) -> None:
         metrics.CONNECTIONS.inc()
         deps = self.deps()
         rooms, problems = _hello_rooms(hello)
@@ -224,20 +267,32 @@ class Gateway:
         ):
             problems.append(FrameError("bad_frame", "resume_seq must be an integer >= 0"))
             resume = None
+        watch: list[str] = []
+        if "watch" in hello:
+            try:
+                watch = watch_list(hello["watch"], self.settings.watch_max, "hello")
+            except FrameError as exc:
+                problems.append(exc)
         # The user's stored rooms and counts: one request to the archive (userstate.py).
         state = await userstate.load_state(deps, session.user, rooms)
         rooms += [room for room in state.rooms if room not in rooms]
         # Live subscriptions first (buffered in the session), then the snapshot: every
         # message after the snapshot arrives live, everything before it is replayed.
         await deps.hub.add(session, rooms)
+        assert self.scope is not None and self.roster is not None
+        for room in rooms:
+            self.scope.joined(session, room)
+        self.scope.set_watch(session, watch)
         # Both reads are shared with the hellos arriving at the same time (SharedRead).
-        assert self._chat_position is not None and self._online is not None
+        assert self._chat_position is not None and self._online_known is not None
         try:
             snapshot: int | None = await self._chat_position.get()
         except Exception as exc:
             log.warning("cannot read the chat log position: %s", exc)
             snapshot = None
-        online = await self._online.get()
+        # Presence never answered since we started (it may be starting): ask it now.
+        known = self.roster.online_known or await self._online_known.get()
+        online = self.scope.welcome_online(session) if known else None
         await userstate.store_hello_rooms(deps, session.user, state, sorted(session.rooms))
         unread = await userstate.welcome_unread(
             deps, session.user, sorted(session.rooms), state, snapshot
@@ -247,8 +302,8 @@ class Gateway:
             "v": frames.VERSION,
             "user": session.user,
             "rooms": sorted(session.rooms),
-            # Our own connection is reported just after this, so add ourselves.
-            "online": sorted({*online, session.user}) if online is not None else [],
+            # Scoped (gateway/scope.py); includes ourselves, reported just after this.
+            "online": online if online is not None else [],
             "seq": snapshot or 0,
         }
         if unread is not None:
@@ -260,9 +315,13 @@ class Gateway:
             problems.append(FrameError("presence_unavailable", "who is online is unknown"))
         for problem in problems:
             session.push(frames.error(problem.code, problem.message, problem.ref or "hello"))
-        if resume is not None:
+        if resume is not None and snapshot is not None:
             await self._replay(session, resume, snapshot)
-        session.end_buffering(snapshot or 0)
+        else:
+            if resume is not None:
+                session.push(frames.dumps({"type": "resumed", "replayed": 0, "complete": False}))
+            session.end_buffering(snapshot or 0)
+        ticket.done()  # greeted: the next hello may be answered
         if self.presence is not None:
             self.presence.opened(session.id, session.user)
 
@@ -277,25 +336,28 @@ class Gateway:
                 metrics.ABUSE_DISCONNECTS.inc()
                 await session.close(close_code, "too many violations", flush=True)
 
-    async def _replay(self, session: Session, resume: int, snapshot: int | None) -> None:
-        assert self.js is not None
-        replayed: list[Any] = []
+    async def _replay(self, session: Session, resume: int, snapshot: int) -> None:
+        """Replay what the client missed (shared with every client resuming alongside, see
+        replay_cache.py), merged in seq order with the live messages held meanwhile, then
+        `resumed`; live frames follow."""
+        assert self.replay is not None
+        replayed: list[tuple[int, str]] = []
         complete = False
-        if snapshot is not None:
-            try:
-                result = await recovery.replay(
-                    self.js,
-                    session.user,
-                    sorted(session.rooms),
-                    resume,
-                    snapshot,
-                    self.settings.recovery_max_messages,
-                )
-                replayed, complete = result.messages, result.complete
-            except Exception as exc:
-                log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
-        for seq, msg in replayed:
-            session.push(frames.MessageFrames(msg, seq).for_user(session.user))
+        try:
+            result = await self.replay.replay(
+                session.user,
+                sorted(session.rooms),
+                resume,
+                snapshot,
+                self.settings.recovery_max_messages,
+            )
+        except Exception as exc:
+            log.warning("recovery replay failed: %s", exc, extra={"user": session.user})
+            session.end_buffering(snapshot)  # what was missed is not sent twice
+        else:
+            replayed = [(m.seq, m.for_user(session.user)) for m in result.messages]
+            complete = result.complete
+            session.end_buffering(result.after, replayed)
         metrics.REPLAYED.inc(len(replayed))
         session.push(
             frames.dumps({"type": "resumed", "replayed": len(replayed), "complete": complete})
@@ -311,6 +373,14 @@ async def _receive_frame(receive: Receive) -> str | bytes | None:
             return text if text is not None else (event.get("bytes") or b"")
         if event["type"] == "websocket.disconnect":
             return None
+
+
+def _busy_response(retry_after: int) -> dict[str, Any]:
+    return {
+        "type": "websocket.http.response.start",
+        "status": 503,
+        "headers": [(b"retry-after", str(retry_after).encode())],
+    }
 
 
 def _hello_rooms(hello: dict[str, Any]) -> tuple[list[str], list[FrameError]]:
@@ -355,6 +425,16 @@ def build_app(gateway: Gateway) -> Any:
                 "read_rate_burst": settings.read_rate_burst,
             },
         }
+
+    @api.get("/api/admission")
+    async def admission() -> Response:
+        # What a page whose WebSocket never opened asks: browsers cannot read the status
+        # or Retry-After of a refused handshake (static/backoff.js).
+        if gateway.admission.full():
+            retry = str(gateway.admission.retry_after())
+            body = _http_error("busy", "too many connections being set up; retry later")
+            return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
+        return JSONResponse({"busy": False}, headers={"Cache-Control": "no-store"})
 
     @api.post("/api/guest")
     async def guest(request: Request) -> Response:

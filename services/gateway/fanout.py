@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 
 from gateway import frames, metrics, recovery
 from gateway.ordering import StreamOrder
+from gateway.replay_cache import SharedReplay
 from gateway.session import Session
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class Hub:
         # Messages this gateway just published, by Nats-Msg-Id: (payload, message). Their
         # live copy is then not decoded again (decoding is the costliest step per message).
         self._published: OrderedDict[str, tuple[bytes, ChatEvent]] = OrderedDict()
+        # The shared reconnect replay's logs follow the live messages (replay_cache.py).
+        self.replay_log: SharedReplay | None = None
+        # Where presence transitions go (gateway/scope.py); None: to every socket.
+        self.presence_sink: Callable[[str, bool], None] | None = None
         # Room and DM messages reach the sockets in stream order (gateway/ordering.py).
         self._order = StreamOrder(self._subscriptions)
 
@@ -148,6 +153,8 @@ class Hub:
         if not members:
             del self.room_members[room]
             self._delivered.pop(names.room_subject(room), None)
+            if self.replay_log is not None:
+                self.replay_log.dropped(names.room_subject(room))
             for sub in self._room_subs.pop(room, []):
                 await _unsubscribe(sub)
 
@@ -178,7 +185,9 @@ class Hub:
         subject = msg.subject.removeprefix(names.LIVE_PREFIX + ".")
         if subject in self._dm_delivered:
             self._dm_delivered.move_to_end(subject)
-        if self._dm_targets(subject):
+        if self._dm_targets(subject) or (
+            self.replay_log is not None and self.replay_log.wants_dm()
+        ):
             await self._on_chat(msg, self._dm_delivered, lambda: self._dm_targets(subject))
         else:
             # Nobody here takes part, but keep the position: if a participant connects
@@ -225,6 +234,8 @@ class Hub:
             if previous > delivered:
                 await self._refill(subject, delivered, previous, targets)
         delivered_on[subject] = seq
+        if self.replay_log is not None:
+            self.replay_log.live(subject, previous, seq, chat)
         self._fan_out(seq, chat, targets())
         metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - chat.ts_ms / 1000))
 
@@ -273,13 +284,14 @@ class Hub:
         except codec.DecodeError as exc:
             log.warning("undecodable presence event: %s", exc)
             return
-        if isinstance(event, pb.UserOnline):
-            frame = frames.dumps({"type": "presence", "user": event.user, "online": True})
-        elif isinstance(event, pb.UserOffline):
-            frame = frames.dumps({"type": "presence", "user": event.user, "online": False})
+        if isinstance(event, pb.UserOnline | pb.UserOffline):
+            online = isinstance(event, pb.UserOnline)
         else:
             return
-        self.broadcast(frame)
+        if self.presence_sink is not None:
+            self.presence_sink(event.user, online)
+            return
+        self.broadcast(frames.dumps({"type": "presence", "user": event.user, "online": online}))
 
     def broadcast(self, frame: str) -> None:
         for session in list(self.sessions):

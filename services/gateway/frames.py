@@ -26,6 +26,7 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_UNAUTHORIZED = 4401
 
 CLIENT_TYPES = {"hello", "join", "leave", "send", "dm", "history", "typing", "ping"}
+CLIENT_TYPES |= {"members", "watch"}  # scoped presence (gateway/members.py)
 CLIENT_TYPES |= {"edit", "delete", "react", "search"}  # message lifecycle (issue 14)
 CLIENT_TYPES.add("auth")  # #17: a fresh token on a live socket (gateway.reauth)
 CLIENT_TYPES |= {"read", "rooms", "threads"}  # user state (gateway/userstate.py)
@@ -37,6 +38,7 @@ CLIENT_TYPES |= {"read", "rooms", "threads"}  # user state (gateway/userstate.py
 WRITE_LIMITED_TYPES = {"send", "dm", "typing"}
 WRITE_LIMITED_TYPES |= {"edit", "delete", "react"}  # issue 14
 READ_LIMITED_TYPES = {"history", "join", "leave"}
+READ_LIMITED_TYPES |= {"members", "watch"}
 READ_LIMITED_TYPES |= {"search"}  # issue 14
 READ_LIMITED_TYPES.add("auth")  # verifying may fetch the provider's keys
 READ_LIMITED_TYPES |= {"read", "rooms", "threads"}

@@ -18,9 +18,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.micro.request import ERROR_CODE_HEADER
 
-from gateway import frames, lifecycle_frames, metrics, reauth, userstate
+from gateway import frames, lifecycle_frames, members, metrics, reauth, userstate
 from gateway.fanout import Hub
 from gateway.frames import FrameError
+from gateway.scope import PresenceScope
 from gateway.session import Session
 from gateway.settings import GatewaySettings
 
@@ -35,6 +36,7 @@ class Deps:
     js: JetStreamContext
     hub: Hub
     settings: GatewaySettings
+    scope: PresenceScope | None = None  # scoped presence (gateway/scope.py)
     auth: Authenticator | None = None  # for `auth` frames (gateway.reauth)
 
 
@@ -93,6 +95,8 @@ async def handle_join(frame: dict[str, Any], session: Session, deps: Deps) -> No
         except FrameError as exc:
             problem = exc  # joined here all the same; the client may retry the join
     await deps.hub.join(session, room)
+    if deps.scope is not None:
+        deps.scope.joined(session, room)
     session.push(frames.dumps({"type": "joined", "room": room}))
     if problem is not None:
         raise FrameError(problem.code, problem.message, "join")
@@ -110,6 +114,8 @@ async def handle_leave(frame: dict[str, Any], session: Session, deps: Deps) -> N
         except FrameError as exc:
             problem = exc
     await deps.hub.leave(session, room)
+    if deps.scope is not None:
+        deps.scope.left(session, room)
     session.push(frames.dumps({"type": "left", "room": room}))
     if problem is not None:
         raise FrameError(problem.code, problem.message, "leave")
@@ -134,6 +140,8 @@ async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None
         raise FrameError("bad_user", "you cannot send a direct message to yourself", cid)
     content = frames.content_of(frame, deps.settings.max_content_bytes, cid)
     msg = _new_message(session.user, content, cid, dm_peer=peer)
+    if deps.scope is not None:
+        deps.scope.watch(session, peer)  # a DM peer's presence is worth seeing
     msg.reply_to = _reply_to_of(frame, cid)
     subject = names.dm_subject(session.user, peer)
     await session.start_send(_send_durably(msg, subject, session, deps))
@@ -323,6 +331,8 @@ HANDLERS: dict[str, Handler] = {
     "history": handle_history,
     "typing": handle_typing,
     "ping": handle_ping,
+    "members": members.handle_members,
+    "watch": members.handle_watch,
     "auth": reauth.handle_auth,
     "read": userstate.handle_read,
     "rooms": userstate.handle_rooms,

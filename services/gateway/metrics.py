@@ -63,3 +63,7 @@ REPLAYED = Counter("gateway_recovery_replayed_total", "Messages replayed on reco
 GAP_REFILLS = Counter(
     "gateway_live_gap_refills_total", "Live gaps (after a NATS reconnect) refilled from the log"
 )
+# Reconnect storms (gateway/admission.py, gateway/replay_cache.py).
+HELLO_REFUSED = Counter("gateway_hello_refused_total", "Handshakes refused with 503: queue full")
+HELLO_WAITING = Gauge("gateway_hello_waiting", "Sockets waiting for a turn to be greeted")
+REPLAY_READS = Counter("gateway_replay_stream_reads_total", "CHAT stream reads for replays")

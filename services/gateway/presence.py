@@ -1,6 +1,5 @@
 """The gateway's side of presence, through chatlib.presence_client: report connections
-opened/closed (plus heartbeats) and ask who is online. Presence being down never fails a
-socket: `who` answers None and the client is told presence_unavailable."""
+opened/closed (plus heartbeats). Who is online is followed by gateway/roster.py."""
 
 from __future__ import annotations
 
@@ -34,15 +33,6 @@ class PresenceLink:
 
     def closed(self, connection_id: str, user: str) -> None:
         self._spawn(self.reporter.closed(connection_id, user))
-
-    async def who(self) -> list[str] | None:
-        """Everyone online, or None when presence cannot answer."""
-        try:
-            users = await presence_client.who_all(self.nc, timeout=self.settings.request_timeout)
-        except Exception as exc:  # PresenceUnavailable, NATS trouble
-            log.info("who is online unavailable: %s", exc)
-            return None
-        return sorted(users)
 
     async def stop(self) -> None:
         if self._tasks:

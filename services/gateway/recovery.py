@@ -1,9 +1,9 @@
-"""Reconnect recovery: replay what a client missed from the CHAT stream.
+"""Reading a range of the CHAT stream: for reconnect recovery (replay_cache.py, which
+shares one read among every client resuming in the same rooms) and live-gap refills.
 
-The client says the highest seq it saw; we replay its rooms' and DMs' messages after it,
-up to the stream's last seq at the moment its live subscriptions were in place (later
-ones arrive live). At most `limit` messages, the newest ones: if more were missed, the
-replay is marked incomplete and the client pages back through history for the rest.
+The client says the highest seq it saw; it gets its rooms' and DMs' messages after it.
+At most `limit` messages, the newest ones: if more were missed, the replay is marked
+incomplete and the client pages back through history for the rest.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class Replay:
 
 
 def filter_groups(user: str, rooms: list[str]) -> list[list[str]]:
-    """Filter subjects for the replay consumers. One consumer's filters may not overlap,
-    and chat.dm.<user>.* overlaps chat.dm.*.<user> (at chat.dm.<user>.<user>): two."""
+    """Filter subjects for reading a user's rooms and DMs. One consumer's filters may not
+    overlap, and chat.dm.<user>.* overlaps chat.dm.*.<user> (at chat.dm.<user>.<user>): two."""
     mine, theirs = names.dm_subjects_of(user)
     return [[*(names.room_subject(r) for r in sorted(rooms)), mine], [theirs]]
 

@@ -213,9 +213,17 @@ class Session:
         else:
             self.push(frame)
 
-    def end_buffering(self, after_seq: int) -> None:
-        """Flush live messages held during hello, skipping those the replay covered."""
+    def end_buffering(self, after_seq: int, replay: list[tuple[int, str]] | None = None) -> None:
+        """Flush live messages held during hello after `after_seq`. With a `replay`
+        (seq, frame), merge the two in seq order, each message once: a shared replay
+        (replay_cache.py) may hold messages that also came live, and live ones it lacks."""
         buffered, self.live_buffer = self.live_buffer or [], None
+        if replay is not None:
+            replayed = {seq for seq, _ in replay}
+            buffered = sorted(
+                [*replay, *((s, f) for s, f in buffered if s > after_seq and s not in replayed)]
+            )
+            after_seq = -1
         for seq, frame in buffered:
             if seq > after_seq:
                 self.push(frame)

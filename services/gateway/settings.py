@@ -30,9 +30,31 @@ class GatewaySettings(ClientSettings):
     send_queue_frames: int = Field(default=512, gt=0)
     # Reconnect recovery replays at most this many messages from the CHAT log.
     recovery_max_messages: int = Field(default=5000, gt=0)
+    # Hello admission (gateway/admission.py): hellos answered at once, sockets waiting for
+    # a turn, and the least Retry-After (seconds) of the 503 refusing any more.
+    hello_concurrency: int = Field(default=64, gt=0)
+    hello_queue: int = Field(default=512, ge=0)
+    hello_retry_after: int = Field(default=2, gt=0)
+    # A verified token is remembered this long (never past its exp); 0: no cache.
+    token_cache_ttl: float = Field(default=10.0, ge=0)
+    # Replay logs shared by resuming clients (replay_cache.py) live this long unused.
+    replay_cache_ttl: float = Field(default=60.0, gt=0)
+    # ... and a first read reaches this many seqs further back than asked (replay_cache.py).
+    replay_backfill: int = Field(default=20_000, ge=0)
     history_page_size: int = Field(default=50, gt=0)
     # Presence: how often this gateway reports its live connections.
     heartbeat_interval: float = Field(default=2.0, gt=0)
+    # Scoped presence (gateway/scope.py): rooms with more members than this do not push
+    # their members' presence (clients page them with `members`); the lobby counts the
+    # users online as its members.
+    presence_room_max: int = Field(default=200, ge=0)
+    # `welcome.online` names at most this many users (the client itself included).
+    welcome_online_max: int = Field(default=500, gt=0)
+    # Users one socket may `watch` (besides its rooms' members; DM peers count too).
+    watch_max: int = Field(default=200, gt=0)
+    members_page_max: int = Field(default=200, gt=0)
+    # How often the gateway re-reads who is online from presence (repairs missed events).
+    online_resync_interval: float = Field(default=30.0, gt=0)
     ws_compression: bool = False
     # A client that racks up this many violations (rate-limited or oversized frames)
     # within abuse_window seconds is abusive: closed with 1008.

@@ -36,6 +36,9 @@ def _register_optional() -> None:
     SCENARIOS["archive"] = nats_scenarios.archive
     SCENARIOS["history"] = nats_scenarios.history
     SCENARIOS["connections"] = ws_scenarios.connections
+    from devtools.bench import storm
+
+    SCENARIOS["storm"] = storm.storm
     SCENARIOS["presence"] = nats_scenarios.presence
     from devtools.bench import rpc_scenarios
 

@@ -23,6 +23,7 @@ from devtools.bench import wsclient
 
 MESSAGE_MARK = b'"type":"message"'
 ACK_MARK = b'"type":"ack"'
+PRESENCE_MARK = b'"type":"presence"'
 BUCKET = 0.1  # seconds per throughput-timeline bucket
 # How long receivers may take, after the senders stop, to get what was still in flight.
 LATENCY_GRACE = 2.0
@@ -41,7 +42,7 @@ class Conn:
 
 @dataclass
 class Plan:
-    mode: str  # fanout | latency | durable | idle
+    mode: str  # fanout | latency | durable | idle | storm_recv | storm_send
     conns: list[Conn]
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -49,7 +50,18 @@ class Plan:
 class Client:
     """One socket's counters; `on_text` is the hot path, kept to a few byte checks."""
 
-    __slots__ = ("acks", "closes", "conn", "latencies", "messages", "parse", "spec", "welcomed")
+    __slots__ = (
+        "acks",
+        "closes",
+        "conn",
+        "latencies",
+        "messages",
+        "parse",
+        "presence",
+        "spec",
+        "welcome_online",
+        "welcomed",
+    )
 
     def __init__(self, spec: Conn, parse_latency: bool) -> None:
         self.spec = spec
@@ -60,6 +72,8 @@ class Client:
         self.latencies: list[float] = []
         self.parse = parse_latency
         self.closes = 0
+        self.presence = 0  # presence frames received
+        self.welcome_online = 0  # names in welcome.online
 
     def on_text(self, data: bytes) -> None:
         if MESSAGE_MARK in data:
@@ -73,7 +87,10 @@ class Client:
         elif ACK_MARK in data:
             self.acks += 1
             _ACKS.add(1)
+        elif PRESENCE_MARK in data:
+            self.presence += 1
         elif not self.welcomed.done() and b'"welcome"' in data:
+            self.welcome_online = len(orjson.loads(data).get("online") or ())
             self.welcomed.set_result(None)
         elif not self.welcomed.done() and b'"unauthorized"' in data:
             self.welcomed.set_exception(RuntimeError(data.decode(errors="replace")))
@@ -105,7 +122,7 @@ _ACKS = Timeline()
 
 
 async def open_clients(
-    plan: Plan, parse_latency: bool, concurrency: int
+    plan: Plan, parse_latency: bool, concurrency: int, opened: list[Client] | None = None
 ) -> tuple[list[Client], list[float]]:
     """Connect and greet every socket; returns the clients and each handshake's seconds."""
     limit = asyncio.Semaphore(concurrency)
@@ -113,6 +130,8 @@ async def open_clients(
 
     async def one(spec: Conn) -> Client:
         client = Client(spec, parse_latency and spec.role == "recv")
+        if opened is not None:
+            opened.append(client)
         async with limit:
             began = time.monotonic()
             for attempt in range(5):
@@ -157,9 +176,20 @@ async def _worker(
     index: int, plan: Plan, progress: Any, go: Any, stop: Any, results: Any
 ) -> dict[str, Any]:
     params = plan.params
+    if plan.mode in ("storm_recv", "storm_send"):
+        from devtools.bench import storm
+
+        run = storm.receiver_worker if plan.mode == "storm_recv" else storm.sender_worker
+        return await run(index, plan, progress, go, stop)
     began = time.monotonic()
+    opened: list[Client] = []
+    counting = None
+    if params.get("count_presence"):
+        # Presence frames received so far, in this worker's progress slot (from the start:
+        # the join-time presence traffic is what the connections scenario measures).
+        counting = asyncio.create_task(_count_presence(index, opened, progress))
     clients, handshakes = await open_clients(
-        plan, plan.mode == "latency", int(params.get("concurrency", 100))
+        plan, plan.mode == "latency", int(params.get("concurrency", 100)), opened
     )
     connect_seconds = time.monotonic() - began
     results.put(("ready", index, {"connect_seconds": connect_seconds}))
@@ -196,6 +226,8 @@ async def _worker(
         # arrive, so "received < sent" means lost, not merely late.
         await _wait_received(clients, sent, LATENCY_GRACE)
     cpu1 = os.times()
+    if counting is not None:
+        counting.cancel()
     latencies = [lat for c in clients for lat in c.latencies]
     closed = sum(1 for c in clients if c.conn is not None and c.conn.closed.done())
     received = [c.messages - b for c, b in zip(clients, base_messages, strict=True)]
@@ -220,6 +252,8 @@ async def _worker(
         "closed_by_server": closed,
         "close_codes": sorted({c.conn.close_code for c in clients if c.conn and c.conn.close_code}),
         "sent": sent,
+        "presence_frames": sum(c.presence for c in clients),
+        "welcome_online": [c.welcome_online for c in clients],
         "run_cpu_seconds": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
     }
 
@@ -228,6 +262,12 @@ async def _wait_received(clients: list[Client], sent: int, grace: float) -> None
     deadline = time.monotonic() + grace
     while sum(len(c.latencies) for c in clients) < sent and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
+
+
+async def _count_presence(index: int, clients: list[Client], progress: Any) -> None:
+    while True:
+        progress[index] = sum(c.presence for c in clients)
+        await asyncio.sleep(0.05)
 
 
 async def _report_progress(

@@ -24,7 +24,23 @@ FrameHandler = Callable[[bytes], None]
 
 
 class HandshakeError(Exception):
-    """The server refused the upgrade (status other than 101) or closed first."""
+    """The server refused the upgrade (status other than 101) or closed first.
+    `retry_after`: the seconds of a Retry-After header, when the refusal had one."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(head: bytes) -> float | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"retry-after":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return None
+    return None
 
 
 class WsConnection(asyncio.Protocol):
@@ -49,10 +65,12 @@ class WsConnection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            status_line = bytes(buf[: buf.find(b"\r\n")])
+            head = bytes(buf[:end])
+            status_line = head.split(b"\r\n", 1)[0]
             del buf[: end + 4]
             if b" 101 " not in status_line + b" ":
-                self._fail(HandshakeError(status_line.decode(errors="replace")))
+                message = status_line.decode(errors="replace")
+                self._fail(HandshakeError(message, _retry_after(head)))
                 return
             self._upgraded = True
             if not self.handshake_done.done():

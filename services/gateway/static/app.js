@@ -2,6 +2,8 @@
 // No framework and no build step. All user-supplied text goes into the DOM through
 // textContent only, never innerHTML, so a message can never inject markup.
 
+import { askRetryAfter, reconnectDelay } from "./backoff.js";
+import { MemberList } from "./members.js";
 import * as actions from "./actions.js";
 import * as oidc from "./oidc.js";
 import * as userstate from "./userstate.js";
@@ -10,9 +12,9 @@ const PROTOCOL_VERSION = 1;
 const TYPING_SHOW_MS = 4000; // how long a typing hint stays without a new typing frame
 const TYPING_SEND_EVERY_MS = 2000; // throttle our own typing frames
 const HISTORY_PAGE = 50;
-// Reconnect backoff (jittered): never more than ~8 s after the server is back, and the
+// Reconnect backoff: static/backoff.js (full jitter, honours Retry-After); the
 // "Retry now" button skips the wait.
-const BACKOFF_MS = [300, 1000, 2000, 4000, 6000];
+const WATCH_MAX = 200; // DM peers whose presence we ask for (the gateway's watch_max)
 const PING_EVERY_MS = 15000; // application ping while connected
 const PONG_TIMEOUT_MS = 5000; // no frame at all within this after a ping: the socket is dead
 const ACK_PROBE_MS = 4000; // a send unanswered this long triggers a ping
@@ -68,6 +70,9 @@ const state = {
   hiddenUnread: 0, // messages from others since the tab was hidden
   settings: { notify: false, threadNotify: [] },
 };
+
+// "In this room" (static/members.js): the open room's members with their presence.
+const members = new MemberList({ send, el, avatar, openDm });
 
 const roomKey = (room) => `room:${room}`;
 const dmKey = (peer) => `dm:${peer}`;
@@ -451,6 +456,7 @@ function signOut(reasonText) {
   connNote = null;
   $("message-list").replaceChildren();
   for (const id of ["rooms", "dms", "online"]) $(id).replaceChildren();
+  members.show(null, null);
   closeDrawer(false);
   $("chat-view").hidden = true;
   $("signin-view").hidden = false;
@@ -480,6 +486,7 @@ function connect() {
   }
   setStatus(state.everConnected ? "reconnecting" : "connecting");
   const ws = new WebSocket(wsUrl());
+  let opened = false; // a socket that never opened may have been turned away (busy)
   state.ws = ws;
   clearTimeout(state.connectTimer);
   state.connectTimer = setTimeout(() => {
@@ -487,7 +494,10 @@ function connect() {
   }, CONNECT_TIMEOUT_MS);
   ws.addEventListener("open", () => {
     if (state.ws !== ws) return;
+    opened = true;
     const hello = { type: "hello", v: PROTOCOL_VERSION, token: state.token, rooms: userstate.helloRooms([...state.rooms]) };
+    // Our DM peers' presence is pushed too (rooms' members come with the rooms).
+    if (state.dmPeers.size) hello.watch = [...state.dmPeers].slice(0, WATCH_MAX);
     // After a first welcome we know where we are in the log (possibly 0 for an empty one).
     if (state.seqKnown) hello.resume_seq = state.maxSeq;
     ws.send(JSON.stringify(hello));
@@ -515,7 +525,7 @@ function connect() {
       return;
     }
     socketGone();
-    scheduleReconnect();
+    scheduleReconnect(!opened);
   });
 }
 
@@ -545,16 +555,20 @@ function socketDead() {
   else scheduleReconnect();
 }
 
-function scheduleReconnect() {
+async function scheduleReconnect(refused = false) {
   clearTimeout(state.reconnectTimer);
   if (!state.token) return;
   if (navigator.onLine === false) {
     setStatus("offline");
     return;
   }
-  const base = BACKOFF_MS[Math.min(state.reconnectAttempt, BACKOFF_MS.length - 1)];
+  const attempt = state.reconnectAttempt;
   state.reconnectAttempt += 1;
-  const delay = base / 2 + Math.random() * base; // jitter so a fleet does not reconnect at once
+  // Turned away before the upgrade? The gateway says how long to stay away.
+  const retryAfter = refused ? await askRetryAfter() : 0;
+  if (state.ws || !state.token) return; // "Retry now" (or sign-out) meanwhile
+  const delay = reconnectDelay(attempt, retryAfter);
+  clearTimeout(state.reconnectTimer);
   state.reconnectAt = Date.now() + delay;
   state.reconnectTimer = setTimeout(connect, delay);
   setStatus("reconnecting");
@@ -590,6 +604,11 @@ function heardFromServer() {
   state.pongTimer = null;
 }
 
+// The users whose presence we follow besides our rooms' members: our DM peers.
+function sendWatch() {
+  send({ type: "watch", users: [...state.dmPeers].slice(0, WATCH_MAX) });
+}
+
 function send(frame) {
   if (!state.connected || !state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
   state.ws.send(JSON.stringify(frame));
@@ -620,6 +639,8 @@ function handleFrame(f) {
       return onHistory(f);
     case "presence":
       return onPresence(f.user, f.online);
+    case "members":
+      return members.onMembers(f);
     case "typing":
       return onTyping(f);
     case "error":
@@ -680,6 +701,8 @@ function onWelcome(f) {
     state.current = null;
   }
   renderSidebar();
+  const open = state.current && state.current.startsWith("room:") ? state.current.slice(5) : null;
+  if (!firstTime && state.current) members.show(open, state.user); // fresh after a reconnect
   if (firstTime || !state.current) openThread(state.current || roomKey(DEFAULT_ROOM), false);
   else ensureHistory(thread(state.current));
   resumeOutbox();
@@ -753,6 +776,7 @@ function onMessage(raw, live) {
   if (key.startsWith("dm:") && !state.dmPeers.has(key.slice(3))) {
     state.dmPeers.add(key.slice(3));
     rememberDms();
+    sendWatch();
   }
   const t = thread(key);
   // Our own message coming back: it is durable, so the "sending" bubble becomes the real one.
@@ -849,6 +873,7 @@ function onPresence(user, online) {
   if (typeof user !== "string") return;
   if (online) state.online.add(user);
   else if (user !== state.user || !state.connected) state.online.delete(user);
+  members.onPresence(user, online);
   renderSidebar();
 }
 
@@ -1094,6 +1119,7 @@ function openThread(key, focusComposer = true) {
   t.unread = 0;
   $("thread-title").textContent = t.kind === "room" ? `# ${t.name}` : `@ ${t.name}`;
   $("thread-title").dataset.thread = key;
+  if (changed || !members.room) members.show(t.kind === "room" ? t.name : null, state.user);
   $("leave").hidden = t.kind !== "room" || t.name === DEFAULT_ROOM;
   $("composer").placeholder = t.kind === "room" ? `Message #${t.name}` : `Message ${t.name}`;
   if (changed) clearNotice();
@@ -1172,6 +1198,7 @@ function openDm(peer) {
   if (!state.dmPeers.has(peer)) {
     state.dmPeers.add(peer);
     rememberDms();
+    sendWatch();
   }
   openThread(dmKey(peer));
 }

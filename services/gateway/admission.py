@@ -1,0 +1,121 @@
+"""Keeping a reconnect storm from collapsing the gateway: bounded hello admission and a
+short cache of token checks.
+
+At most `hello_concurrency` hellos are answered at once (welcome, replay); up to
+`hello_queue` more wait for a turn. Beyond that a new WebSocket is refused before the
+upgrade (and once the greeting rate is known, beyond what it greets in QUEUE_SECONDS)
+with HTTP 503 and a `Retry-After` of about the time the queue takes to drain (at
+least `hello_retry_after` seconds). The queue is kept short so that a socket admitted is
+greeted well within a client's patience (a hello answered after the client gave up is
+work thrown away, and a retry on top). Our clients back off
+with full jitter and honour it, so a storm spreads out instead of piling up (every
+socket held open while waiting costs memory, and every hello answered late costs a
+client timeout and a retry).
+
+A verified token is remembered for `token_cache_ttl` seconds (never past its own `exp`):
+a storm is the same clients with the same tokens, reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+
+from chatlib.auth import Authenticator, Identity
+
+from gateway import metrics, reauth
+
+TOKEN_CACHE_MAX = 50_000
+# Once the greeting rate is known, no more sockets wait than can be greeted in this many
+# seconds: well within a client's patience (our clients wait 10-30 s for welcome/resumed).
+QUEUE_SECONDS = 10.0
+
+
+class Admission:
+    """Sockets accepted and not yet greeted hold a ticket; at most `concurrency` tickets
+    are being answered at once (their turn), the others wait."""
+
+    def __init__(self, concurrency: int, queue: int, retry_after: int) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._limit = concurrency + queue
+        self._retry_after = retry_after
+        self.pending = 0
+        # Hellos greeted per second, smoothed: how fast the queue drains.
+        self._rate = 0.0
+        self._count = 0
+        self._since = time.monotonic()
+
+    def full(self) -> bool:
+        """No room even to wait: refuse the handshake (503)."""
+        if self.pending >= self._limit:
+            return True
+        return self._rate > 0 and self.pending >= self._concurrency + self._rate * QUEUE_SECONDS
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should stay away: at least the setting, and about as
+        long as the queue takes to drain at the current greeting rate (at most 30)."""
+        drain = self.pending / self._rate if self._rate > 0 else 0.0
+        return int(min(30, max(self._retry_after, math.ceil(drain))))
+
+    def greeted(self) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._since >= 1.0:
+            rate = self._count / (now - self._since)
+            self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+            self._count, self._since = 0, now
+
+    def ticket(self) -> Ticket:
+        return Ticket(self)
+
+
+class Ticket:
+    __slots__ = ("_admission", "_done", "_turn")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._turn = False
+        self._done = False
+        admission.pending += 1
+        metrics.HELLO_WAITING.set(admission.pending)
+
+    async def turn(self) -> None:
+        """Wait until this hello may be answered."""
+        await self._admission._slots.acquire()
+        self._turn = True
+
+    def done(self) -> None:
+        """Greeted (or gone): free the place. Safe to call twice."""
+        if self._done:
+            return
+        self._done = True
+        if self._turn:
+            self._admission.greeted()
+        self._admission.pending -= 1
+        metrics.HELLO_WAITING.set(self._admission.pending)
+        if self._turn:
+            self._admission._slots.release()
+
+
+class TokenCache:
+    """Token checks (gateway.reauth.identify), remembered briefly per token."""
+
+    def __init__(self, auth: Authenticator, ttl: float) -> None:
+        self.auth, self.ttl = auth, ttl
+        self._known: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+
+    async def identify(self, token: object) -> Identity:
+        now = time.time()
+        if isinstance(token, str):
+            cached = self._known.get(token)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        identity = await reauth.identify(self.auth, token)  # AuthError: nothing cached
+        if self.ttl > 0 and isinstance(token, str):
+            self._known[token] = (identity, min(now + self.ttl, identity.expires_at))
+            if len(self._known) > TOKEN_CACHE_MAX:
+                self._known.popitem(last=False)
+        return identity
