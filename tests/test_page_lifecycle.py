@@ -4,13 +4,22 @@ desktop with hover actions, and on a 375 px phone through the "⋯" menu)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chatlib import ids
+from chatlib.proto.chat import v1 as pb
 
-from tests.archive_fixtures import ArchiveProc, archive_db, archive_procs, start_archive
+from tests.archive_fixtures import (
+    ArchiveProc,
+    archive_db,
+    archive_procs,
+    publish_chat,
+    start_archive,
+)
 from tests.gateway_fixtures import GatewayProc, start_gateways
 from tests.test_browser import WAIT_MS, Person, browser, sign_in
 from tests.waiting import wait_until
@@ -155,3 +164,46 @@ async def test_edit_react_reply_delete_and_search_on_desktop_and_phone(
     finally:
         for person in (alice, bob):
             await person.page.context.close()
+
+
+async def test_a_search_result_far_back_is_shown_in_context_without_breaking_the_thread(
+    browser: Any, site: GatewayProc, js: Any
+) -> None:
+    """A hit more pages back than the page fetches is shown with the messages around it
+    (`history` with `around`), and the lobby's own list is left as one unbroken run."""
+    from playwright.async_api import expect
+
+    now = int(time.time() * 1000)
+
+    def lobby(content: str, n: int) -> pb.ChatMessage:
+        return pb.ChatMessage(
+            id=ids.new_id(), room="lobby", sender="carol", content=content, ts_ms=now + n
+        )
+
+    needle = lobby("the needle is here", 0)
+    await publish_chat(js, [needle])
+    await publish_chat(js, [lobby(f"filler {n}", n) for n in range(1, 301)])
+    alice = await sign_in(browser, f"{site.http_url}/", "alice")
+    try:
+        await alice.page.fill("#search", "needle")
+        hit = alice.page.get_by_test_id("search-hit")
+
+        async def found() -> bool:
+            await alice.page.press("#search", "Enter")
+            await alice.page.get_by_test_id("search-results").wait_for(timeout=WAIT_MS)
+            return await hit.count() == 1
+
+        await wait_until(found, "the archive has the needle", timeout=30, interval=0.5)
+        await hit.locator("button").click()
+        context = alice.page.get_by_test_id("context")
+        marked = context.locator("li[data-jumped]")
+        await expect(marked).to_have_count(1, timeout=WAIT_MS)
+        await expect(marked).to_contain_text("the needle is here")
+        # Half a page of what came after it (and before it, were there any).
+        await expect(context.locator("li", has_text="filler 25")).to_have_count(1)
+        assert await context.locator("li", has_text="filler 26").count() == 0
+        # The thread itself did not take the far page in: no gap hides behind its top.
+        assert await alice.page.locator(f'#message-list li[data-id="{needle.id}"]').count() == 0
+        assert alice.errors == []
+    finally:
+        await alice.page.context.close()

@@ -6,7 +6,10 @@
 import { renderRichText } from "./richtext.js";
 
 export const EMOJI = ["👍", "👎", "❤️", "😂", "😮", "😢", "🎉", "👀"];
-const JUMP_PAGES_MAX = 20; // history pages fetched looking for a search result
+// History pages fetched looking for a search result in its thread; a result further back
+// is shown in context instead (a `history` page `around` it), so the thread's own list
+// stays one unbroken run up to the newest message.
+const JUMP_PAGES_MAX = 4;
 
 let api = null; // what app.js lends us: state, send, thread, refresh, openThread, el, notice
 const mine = new Map(); // client_id -> what we asked (for errors)
@@ -330,10 +333,54 @@ export function continueJump() {
   }
   if (!t.latestLoaded || t.loadingOlder) return; // a page is on its way: we are called again
   if (!t.hasMore || jumpTarget.pages >= JUMP_PAGES_MAX) {
+    const { id } = jumpTarget;
     jumpTarget = null;
-    api.notice("That message is too far back to show.", "info");
+    const f = { type: "history", around: id, limit: 50 };
+    if (t.kind === "room") f.room = t.name;
+    else f.with = t.name;
+    if (!api.send(f)) api.notice("Not connected: try the search again.", "info");
     return;
   }
   jumpTarget.pages += 1;
   api.loadOlder();
+}
+
+// The answer to a `history` with `around`: the messages around a search result, in the
+// search panel, the result marked. "Open thread" goes back to the thread's newest page.
+export function onContext(f) {
+  const panel = document.getElementById("search-results");
+  if (!panel) return;
+  const key = f.room ? `room:${f.room}` : `dm:${f.with}`;
+  const where = f.room ? `#${f.room}` : `@${f.with}`;
+  const list = api.el("ol", { class: "search-list context-list", dataset: { testid: "context" } });
+  let target = null;
+  for (const raw of Array.isArray(f.messages) ? f.messages : []) {
+    const m = { ...raw, ...lifecycleFields(raw), content: String(raw.content ?? "") };
+    const when = new Date(Number(raw.ts) || 0).toLocaleString();
+    const item = api.el(
+      "li",
+      { class: "search-hit", dataset: { id: String(raw.id), testid: "context-message" } },
+      api.el("span", { class: "where", text: `${raw.sender} · ${when}` }),
+      ...contentNodes(m),
+    );
+    if (raw.id === f.around) {
+      item.classList.add("flash");
+      item.dataset.jumped = "1";
+      target = item;
+    }
+    list.append(item);
+  }
+  const open = api.el("button", { type: "button", class: "link-button", text: `Open ${where}` });
+  open.addEventListener("click", () => {
+    panel.hidden = true;
+    api.openThread(key);
+  });
+  const close = api.el("button", { type: "button", class: "link-button", text: "Close" });
+  close.addEventListener("click", () => {
+    panel.hidden = true;
+  });
+  const heading = api.el("h2", { text: target ? `In ${where}` : `That message is gone from ${where}` });
+  panel.replaceChildren(heading, open, close, list);
+  panel.hidden = false;
+  target?.scrollIntoView({ block: "center" });
 }

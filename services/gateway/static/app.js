@@ -837,6 +837,12 @@ function onAck(f) {
 function onHistory(f) {
   const key = f.room ? roomKey(f.room) : f.with ? dmKey(f.with) : null;
   if (!key) return;
+  // A page around a search result is shown in context (actions.js), never merged into
+  // the thread: its list is one unbroken run of messages up to the newest.
+  if (f.around) {
+    actions.onContext(f);
+    return;
+  }
   const t = thread(key);
   t.loadingOlder = false;
   t.historyFailed = false;
