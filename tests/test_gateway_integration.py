@@ -107,10 +107,13 @@ async def test_a_reused_client_id_replays_a_true_retry_and_refuses_another_messa
         # The same gateway: another room, then the same room with other content.
         await alice.send_room("dev", "B", client_id="k1")
         await alice.send_room("lobby", "A, edited", client_id="k1")
-        conflicts = await alice.expect_count(2, type="error", code="idempotency_conflict")
+        # The same words as a reply are another request too.
+        reply = {"type": "send", "room": "lobby", "content": "A", "client_id": "k1"}
+        await alice.send({**reply, "reply_to": first["id"]})
+        conflicts = await alice.expect_count(3, type="error", code="idempotency_conflict")
         assert all(e["ref"] == "k1" and e["message"] for e in conflicts)
         assert len(alice.matching(type="ack")) == 1
-        assert a.metric("gateway_idempotency_conflicts_total") == 2
+        assert a.metric("gateway_idempotency_conflicts_total") == 3
 
         # Gateway a dies; only JetStream remembers what k1 was used for.
         a.proc.kill()

@@ -34,10 +34,25 @@ def test_a_retry_has_the_same_fingerprint_whatever_id_time_or_gateway() -> None:
         {"room": "dev"},
         {"room": "", "dm_peer": "lobby"},  # a DM to a user named like the room
         {"content": "hi "},
+        {"reply_to": "01JCCCCCCCCCCCCCCCCCCCCCCC"},  # the same words, as a reply
     ],
 )
 def test_another_target_or_content_is_another_request(other: dict[str, object]) -> None:
     assert idempotency.fingerprint(message(**other)) != idempotency.fingerprint(message())
+
+
+def test_replies_to_different_messages_are_different_requests_and_plain_hashes_hold() -> None:
+    one = message(reply_to="01JCCCCCCCCCCCCCCCCCCCCCCC")
+    other = message(reply_to="01JDDDDDDDDDDDDDDDDDDDDDDD")
+    assert idempotency.fingerprint(one) != idempotency.fingerprint(other)
+    assert idempotency.fingerprint(one) == idempotency.fingerprint(
+        message(**{"reply_to": one.reply_to, "ts_ms": 5})
+    )
+    # A message without reply_to hashes as it did before replies existed (stored
+    # Chat-Request-Hash headers of older messages must still compare equal).
+    assert idempotency.fingerprint(message()) == idempotency.request_hash(
+        "chat.v1.ChatMessage/room", "lobby", "hi"
+    )
 
 
 def test_parts_cannot_collide_by_moving_a_separator() -> None:

@@ -63,10 +63,15 @@ def request_hash(kind: str, *parts: str) -> str:
 def fingerprint(message: pb.ChatMessage) -> str:
     """The request a ChatMessage answers: where it goes and what it says. Not its id or
     time (a retry through another gateway mints new ones), not its sender (part of the
-    key)."""
-    if message.room:
-        return request_hash("chat.v1.ChatMessage/room", message.room, message.content)
-    return request_hash("chat.v1.ChatMessage/dm", message.dm_peer, message.content)
+    key). A reply is another request than the same words replying to nothing (or to
+    another message); a message that replies to nothing hashes as before replies existed,
+    so hashes already stored stay comparable."""
+    target = ("room", message.room) if message.room else ("dm", message.dm_peer)
+    if message.reply_to:
+        return request_hash(
+            f"chat.v1.ChatMessage/{target[0]}+reply", target[1], message.content, message.reply_to
+        )
+    return request_hash(f"chat.v1.ChatMessage/{target[0]}", target[1], message.content)
 
 
 def stored_fingerprint(data: bytes, headers: Mapping[str, str] | None) -> str:
