@@ -421,3 +421,14 @@ async def test_an_operator_role_in_the_jwt_deletes_anyones_message_and_nothing_e
                 return bool(row and row["deleted"] and row["content"] == "")
 
             await wait_until(tombstone, "operator delete applied", timeout=15, interval=0.2)
+
+            # The role goes with the token: a fresh token in an `auth` frame grants it
+            # (mallory) or takes it away (oscar) from then on.
+            second = (await _sent(alice, "dev", "more spam"))["id"]
+            await mallory.send({"type": "auth", "token": token("mallory", ["chat-operator"])})
+            await mallory.expect(type="auth")
+            await oscar.send({"type": "auth", "token": token("oscar")})
+            await oscar.expect(type="auth")
+            assert (await answer(oscar, await delete(oscar, second)))["code"] == "forbidden"
+            assert (await answer(mallory, await delete(mallory, second)))["type"] == "ack"
+            assert (await alice.expect(type="delete", id=second))["by"] == "mallory"

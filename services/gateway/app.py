@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 from collections.abc import MutableMapping
@@ -219,14 +218,9 @@ class Gateway:
         session = Session(identity.user, send, self.settings)
         session.holder = identity.holder
         # Issue 14: may this user delete anyone's message (a role in the hello's token)?
-        # Off the event loop when checking may fetch the provider's keys, as identify.
-        role_check = functools.partial(
-            self.auth.has_role, hello.get("token"), self.settings.operator_role
+        session.operator = await reauth.is_operator(
+            self.auth, hello.get("token"), self.settings.operator_role
         )
-        if self.settings.auth_mode == "oidc":
-            session.operator = await asyncio.to_thread(role_check)
-        else:
-            session.operator = role_check()
         self.sessions.add(session)
         reauth.schedule_expiry(session, identity.expires_at)
         try:

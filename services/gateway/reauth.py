@@ -27,6 +27,14 @@ async def identify(auth: Authenticator, token: object) -> Identity:
     return auth.identify(token)
 
 
+async def is_operator(auth: Authenticator, token: object, role: str) -> bool:
+    """Does the token carry the operator role (issue 14: may delete anyone's message)?
+    Off the event loop when checking may fetch the provider's keys, as `identify`."""
+    if auth.settings.auth_mode == "oidc":
+        return await asyncio.to_thread(auth.has_role, token, role)
+    return auth.has_role(token, role)
+
+
 def schedule_expiry(session: Session, expires_at: float) -> None:
     """Close the socket with 4401 when its token expires (replaces an earlier schedule)."""
     cancel_expiry(session)
@@ -65,6 +73,8 @@ async def handle_auth(frame: dict[str, Any], session: Session, deps: Any) -> Non
     if identity.holder != session.holder:
         raise FrameError("unauthorized", "the token is bound to another name reservation", "auth")
     schedule_expiry(session, identity.expires_at)
+    # The role goes with the token: granted or revoked by the fresh one from now on.
+    session.operator = await is_operator(auth, frame.get("token"), deps.settings.operator_role)
     session.push(
         frames.dumps(
             {"type": "auth", "user": identity.user, "expires_at": int(identity.expires_at * 1000)}
