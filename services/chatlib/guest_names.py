@@ -24,11 +24,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from chatlib import names
+from chatlib import names, nats_wiring
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,9 @@ class NameTaken(Exception):
 
 
 async def ensure_bucket(js: JetStreamContext, hold_seconds: float, replicas: int) -> KeyValue:
-    try:
-        return await js.create_key_value(
-            api.KeyValueConfig(
-                bucket=names.KV_GUEST_NAMES,
-                description="Guest name reservations: name -> holder (the token's jti)",
-                history=1,
-                ttl=hold_seconds,
-                storage=api.StorageType.FILE,
-                replicas=replicas,
-            )
-        )
-    except BadRequestError as exc:
-        if exc.err_code != 10058:  # exists with another config: the operator's call
-            raise
-        return await js.key_value(names.KV_GUEST_NAMES)
+    description = "Guest name reservations: name -> holder (the token's jti)"
+    bucket = names.KV_GUEST_NAMES
+    return await nats_wiring.ensure_kv(js, bucket, description, replicas, hold_seconds)
 
 
 class GuestNames:

@@ -213,35 +213,32 @@ async def provision(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
     return await ensure_presence_bucket(js, settings)
 
 
-async def ensure_members_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
+async def ensure_kv(
+    js: JetStreamContext, bucket: str, description: str, replicas: int, ttl: float | None = None
+) -> KeyValue:
+    """A KV bucket (history 1, on file): created, or the existing one taken as it is."""
     try:
         return await js.create_key_value(
             api.KeyValueConfig(
-                bucket=names.KV_MEMBERS,
-                description="Room membership: <room>.<user> for who joined and has not left",
+                bucket=bucket,
+                description=description,
                 history=1,
+                ttl=ttl,
                 storage=api.StorageType.FILE,
-                replicas=settings.stream_replicas,
+                replicas=replicas,
             )
         )
     except BadRequestError as exc:
-        if exc.err_code != 10058:
+        if exc.err_code != 10058:  # exists with another config: the operator's call
             raise
-        return await js.key_value(names.KV_MEMBERS)
+        return await js.key_value(bucket)
+
+
+async def ensure_members_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
+    description = "Room membership: <room>.<user> for who joined and has not left"
+    return await ensure_kv(js, names.KV_MEMBERS, description, settings.stream_replicas)
 
 
 async def ensure_presence_bucket(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
-    try:
-        return await js.create_key_value(
-            api.KeyValueConfig(
-                bucket=names.KV_PRESENCE,
-                description="Who is online: live connections per user, gateway heartbeats",
-                history=1,
-                storage=api.StorageType.FILE,
-                replicas=settings.stream_replicas,
-            )
-        )
-    except BadRequestError as exc:
-        if exc.err_code != 10058:
-            raise
-        return await js.key_value(names.KV_PRESENCE)
+    description = "Who is online: live connections per user, gateway heartbeats"
+    return await ensure_kv(js, names.KV_PRESENCE, description, settings.stream_replicas)
