@@ -104,6 +104,28 @@ async def test_a_delete_wins_over_edits_before_or_after_it_in_any_order(
         assert texts == [], order
 
 
+async def test_a_redelivered_delete_names_the_content_to_remove_from_the_log_again(
+    archive_db: asyncpg.Pool,
+) -> None:
+    """An archive killed after committing a delete but before removing the content from
+    CHAT gets the delete again: it must name the same log entries to remove once more."""
+    mid = ids.new_id()
+    delete = event(mid, 3, "delete")
+    await write(archive_db, [message(mid, 1), event(mid, 2, "edit", content="secret v2")])
+    await lifecycle.record(archive_db, [delete])
+    first = await lifecycle.apply_pending(archive_db, {mid}, WINDOW)
+    assert sorted(first) == [1, 2]
+    # The crash: nothing was removed. The redelivered delete is recorded already.
+    await lifecycle.record(archive_db, [delete])
+    again = await lifecycle.apply_pending(archive_db, {mid}, WINDOW)
+    assert sorted(again) == [1, 2]
+    assert await state(archive_db, mid) == ("", None, 0, True, [])
+    # A message that is not deleted names nothing, however often it is asked about.
+    kept = ids.new_id()
+    await write(archive_db, [message(kept, 5)])
+    assert await lifecycle.apply_pending(archive_db, {kept}, WINDOW) == []
+
+
 async def test_forged_events_are_recorded_as_refused_and_change_nothing(
     archive_db: asyncpg.Pool,
 ) -> None:

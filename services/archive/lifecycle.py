@@ -182,8 +182,12 @@ async def _apply_message(conn: Any, message_id: str, edit_window_ms: int) -> lis
         "SELECT * FROM message_events WHERE message_id = $1 AND NOT applied ORDER BY stream_seq",
         message_id,
     )
-    if not pending:
+    if not pending and not msg["deleted"]:
         return []
+    # With nothing pending on a deleted message (its delete redelivered after a crash
+    # between the commit and the purge), the tombstone below is rewritten as it is and the
+    # content's log sequences are returned again: removing them twice is harmless, never
+    # removing them would leave the deleted text for replay to serve.
     deleted, version = msg["deleted"], msg["version_seq"]
     for event in pending:
         refused = _refusal(msg, event, edit_window_ms)
