@@ -254,10 +254,16 @@ def _refusal(msg: asyncpg.Record, event: asyncpg.Record, edit_window_ms: int) ->
     return None
 
 
+class PurgeIncomplete(Exception):
+    """Some deleted content could not be removed from the CHAT stream (NATS busy or
+    restarting): the batch must not be acked, so its redelivery removes it then."""
+
+
 async def purge_from_log(js: JetStreamContext, seqs: Iterable[int]) -> None:
     """Remove deleted content from the CHAT stream. Already gone (aged out, or removed by
-    an earlier attempt) is fine; any other failure is retried with the next event of the
-    message or the next sweep... and logged."""
+    an earlier attempt) is fine; any other failure raises PurgeIncomplete once every
+    sequence was tried (a redelivered delete names the same sequences again)."""
+    failed: list[int] = []
     for seq in sorted(set(seqs)):
         try:
             await js.delete_msg(names.STREAM_CHAT, seq)
@@ -265,6 +271,9 @@ async def purge_from_log(js: JetStreamContext, seqs: Iterable[int]) -> None:
             continue
         except Exception as exc:
             log.warning("could not remove deleted content seq %d from the log: %s", seq, exc)
+            failed.append(seq)
+    if failed:
+        raise PurgeIncomplete(f"deleted content still in the log at seqs {failed}")
 
 
 # --- History: the state of each message on a page -------------------------------------

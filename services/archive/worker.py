@@ -130,6 +130,10 @@ class ArchiveWorker:
         try:
             if batch:
                 await self.commit(batch)
+        except lifecycle.PurgeIncomplete as exc:
+            # Written, but deleted text is still in CHAT: not acked, so the redelivery
+            # (after ack_wait) removes it then; replay leaves it out meanwhile.
+            log.warning("%s; the batch will be redelivered to finish", exc)
         except Exception:
             # Never let a surprise end the consume loop (it runs in a task nobody reads):
             # the batch is not acked, so it comes back after ack_wait.
