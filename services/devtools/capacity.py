@@ -26,19 +26,21 @@ class Load:
 class Costs:
     """Per unit of work, in microseconds of one core (measured: docs/capacity.md)."""
 
-    gateway_send_us: float = 170  # a durable send: frame in, publish, PubAck, ack out
-    gateway_live_us: float = 60  # a live message from NATS: decode, order, render once
+    gateway_send_us: float = 240  # a durable send: frame in, publish, PubAck, ack out
+    gateway_live_us: float = 190  # a live message from NATS: decode, order, render once
     gateway_skip_us: float = 20  # a DM with no local participant: nats-py parse, skip
-    gateway_frame_us: float = 5  # one frame written to one socket
+    gateway_frame_us: float = 8  # one frame written to one socket
     gateway_handshake_us: float = 4000  # upgrade + token + hello + presence + welcome
     gateway_kib_per_socket: float = 29
     gateway_sockets_max: float = 50_000  # per process: memory (~1.4 GiB) and storm size
     stream_msgs_per_s: float = 20_000  # one R3 stream's leader, acked publishes
-    nats_us_per_stored_msg: float = 60  # nats-server CPU, all 3 replicas together
+    nats_us_per_stored_msg: float = 56  # nats-server CPU, 3 replicas, CHAT + ARCHIVE
     nats_us_per_delivery: float = 3  # a core message routed to one subscriber
-    archive_rows_per_replica: float = 12_000  # rows/s one replica writes
-    postgres_rows_per_s: float = 25_000  # one primary, the archive's INSERT path
-    presence_us_per_event: float = 500  # an open or close: KV compare-and-set (+ event)
+    archive_rows_per_replica: float = 11_800  # rows/s one replica writes
+    postgres_rows_per_s: float = 23_600  # one primary, the archive's INSERT path
+    presence_us_per_event: float = 1000  # an open or close: KV compare-and-set (+ event)
+    presence_us_per_listed_socket: float = 5  # each socket in each gateway heartbeat
+    heartbeat_interval_s: float = 2.0  # GATEWAY_HEARTBEAT_INTERVAL
     target_utilisation: float = 0.6  # headroom for storms and for a replica lost
 
 
@@ -52,8 +54,9 @@ class Plan:
     nats_nodes: int
     nats_cores: float
     archive_replicas: int
-    postgres_primaries: int
+    postgres_shards: int
     presence_replicas: int
+    presence_cores: float
     presence_writes_per_s: float
     first_limit: str  # the single (unsharded) part with the least headroom
     headroom: dict[str, float]  # part -> load / its limit, for the single parts
@@ -104,7 +107,11 @@ def plan(load: Load, costs: Costs = Costs()) -> Plan:
     nats_nodes = 3 * max(1, math.ceil(nats_cores / util / 3 / 4))  # 4-core nodes, by 3
     archive = max(2, math.ceil(load.msgs_per_s / (costs.archive_rows_per_replica * util)))
     primaries = max(1, math.ceil(load.msgs_per_s / (costs.postgres_rows_per_s * util)))
-    presence = max(2, math.ceil(presence_writes * costs.presence_us_per_event / 1e6 / util))
+    presence_cores = (
+        presence_writes * costs.presence_us_per_event
+        + sockets / costs.heartbeat_interval_s * costs.presence_us_per_listed_socket
+    ) / 1e6
+    presence = max(2, math.ceil(presence_cores / util))
     headroom = {
         "one CHAT stream leader": load.msgs_per_s / costs.stream_msgs_per_s,
         "one Postgres primary": load.msgs_per_s / costs.postgres_rows_per_s,
@@ -122,8 +129,9 @@ def plan(load: Load, costs: Costs = Costs()) -> Plan:
         nats_nodes=nats_nodes,
         nats_cores=round(nats_cores, 1),
         archive_replicas=archive,
-        postgres_primaries=primaries,
+        postgres_shards=primaries,
         presence_replicas=presence,
+        presence_cores=round(presence_cores, 1),
         presence_writes_per_s=round(presence_writes),
         first_limit=first,
         headroom={k: round(v, 2) for k, v in headroom.items()},
