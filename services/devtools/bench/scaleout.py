@@ -20,7 +20,11 @@ added, i.e. that a gateway's NATS traffic is its own rooms' traffic, not everyon
   load generator; from NATS's monitoring (`/connz?subs=1`) each gateway's room
   subscriptions and the messages NATS delivered to it per second.
 
-Then the bare JetStream ceiling of one stream on the same cluster, as `nats bench js pub`
+Then, with the 8 gateways idle, live DM copies between users connected nowhere: every
+gateway receives each one (it subscribes to all DMs) and the CPU it spends on them is
+the cost of that global interest.
+
+Last, the bare JetStream ceiling of one stream on the same cluster, as `nats bench js pub`
 would measure it but from Python: publishers with many publishes in flight (PubAcks
 counted by one wildcard subscription, no per-request inbox), for a 3-replica and a
 1-replica stream; reported with nats-server CPU per stored message (all nodes), which is
@@ -39,7 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from devtools.bench.cluster import Cluster, Proc, service_exists
+from chatlib import names
+
+from devtools.bench.cluster import Cluster, Proc, cpu_of, service_exists
 from devtools.bench.loadgen import Conn, Fleet, Plan
 from devtools.bench.report import Figure, Run, percentile
 from devtools.bench.ws_scenarios import Ctx, _loadgen_cpu, _measure_cpu
@@ -196,6 +202,47 @@ def run_step(
     }
 
 
+# --- what every gateway pays for a DM it does not deliver ----------------------------------
+def dm_interest(
+    nodes: list[NatsServer], gw_procs: list[Proc], instances: list[str], count: int
+) -> dict[str, Any]:
+    """Publish `count` live DM copies (as CHAT's republish would, with their sequence
+    header) between users connected nowhere; what each gateway received and the CPU it
+    spent on them: every gateway subscribes to every DM (gateway/fanout.py)."""
+    import nats
+
+    before = gateway_links(nodes, instances)
+    cpu0 = cpu_of(gw_procs)
+
+    async def publish() -> None:
+        nc = await nats.connect(nodes[0].url)
+        for i in range(count):
+            pair = names.dm_subject(f"nobody{i % 997}", f"noone{i % 991}")
+            seq = {names.HEADER_SEQUENCE: str(10**9 + i)}
+            await nc.publish(names.live_subject(pair), b"x" * 120, headers=seq)
+            if i % 1000 == 999:
+                await nc.flush()
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(publish())
+    received: list[int] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = gateway_links(nodes, instances)
+        received = [
+            now.get(i, {}).get("out_msgs", 0) - before.get(i, {}).get("out_msgs", 0)
+            for i in instances
+        ]
+        if min(received, default=0) >= count:
+            break
+        time.sleep(0.2)
+    time.sleep(1)  # NATS counts a message once written out; let the gateways handle it
+    cpu1 = cpu_of(gw_procs)
+    us = [(cpu1[p.name] - cpu0[p.name]) / count * 1e6 for p in gw_procs]
+    return {"count": count, "received": received, "gateway_cpu_us_per_dm": us}
+
+
 # --- the bare JetStream ceiling of one stream --------------------------------------------
 def _publisher(url: str, subject: str, seconds: float, window: int, out: Any) -> None:
     out.put(asyncio.run(_publish(url, subject, seconds, window)))
@@ -293,7 +340,7 @@ def scaleout(ctx: Ctx) -> Run:
     if ctx.gateway_urls:
         return Run("scaleout", [], error="scaleout starts its own cluster (no --gateway-url)")
     rate = float(os.environ.get("BENCH_SCALEOUT_RATE", ctx.scaled(50, 25)))
-    duration = float(ctx.scaled(8, 4))
+    duration = float(ctx.scaled(6, 4))
     steps: list[dict[str, Any]] = []
     with Cluster(ctx.workdir / "scaleout") as cluster:
         nodes = start_nats_cluster(ctx.workdir / "scaleout" / "nats")
@@ -320,6 +367,8 @@ def scaleout(ctx: Ctx) -> Run:
                 steps.append(
                     run_step(ctx, cluster, nodes, gateways, instances, rate, duration, f"s{count}")
                 )
+            gw_procs = [p for _, p in cluster.services if p.name.startswith("gateway")]
+            dms = dm_interest(nodes, gw_procs, instances, ctx.scaled(10_000, 3_000))
             for svc, _ in list(cluster.services):
                 cluster.stop_service(svc)
             seconds = float(ctx.scaled(4, 3))
@@ -327,10 +376,12 @@ def scaleout(ctx: Ctx) -> Run:
         finally:
             for node in nodes[1:]:
                 node.stop()
-    return _report(steps, ceilings, rate)
+    return _report(steps, dms, ceilings, rate)
 
 
-def _report(steps: list[dict[str, Any]], ceilings: list[dict[str, Any]], rate: float) -> Run:
+def _report(
+    steps: list[dict[str, Any]], dms: dict[str, Any], ceilings: list[dict[str, Any]], rate: float
+) -> Run:
     first = steps[0]
     figs: list[Figure] = []
     for s in steps:
@@ -361,6 +412,16 @@ def _report(steps: list[dict[str, Any]], ceilings: list[dict[str, Any]], rate: f
             ),
             Figure(f"{n} gateway(s): load generator CPU", s["loadgen_cpu"], "cores"),
         ]
+    us = sorted(dms["gateway_cpu_us_per_dm"])
+    figs += [
+        Figure(
+            f"DMs to nobody here: received by each of {len(us)} gateways (min)",
+            min(dms["received"], default=0),
+            "msgs",
+            baseline=dms["count"],
+        ),
+        Figure("gateway CPU per DM it does not deliver (median)", percentile(us, 50), "us"),
+    ]
     for c in ceilings:
         figs += [
             Figure(
@@ -380,4 +441,5 @@ def _report(steps: list[dict[str, Any]], ceilings: list[dict[str, Any]], rate: f
             ),
             Figure(f"publishers' CPU (R{c['replicas']} ceiling run)", c["publisher_cpu"], "cores"),
         ]
-    return Run("scaleout", figs, {"steps": steps, "js_ceiling": ceilings, "rate": rate})
+    details = {"steps": steps, "dm_interest": dms, "js_ceiling": ceilings, "rate": rate}
+    return Run("scaleout", figs, details)
