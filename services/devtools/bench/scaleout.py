@@ -39,8 +39,6 @@ import multiprocessing as mp
 import os
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from chatlib import names
@@ -49,7 +47,7 @@ from devtools.bench.cluster import Cluster, Proc, cpu_of, service_exists
 from devtools.bench.loadgen import Conn, Fleet, Plan
 from devtools.bench.report import Figure, Run, percentile
 from devtools.bench.ws_scenarios import Ctx, _loadgen_cpu, _measure_cpu
-from devtools.servers import NatsServer, free_port
+from devtools.servers import NatsServer, start_nats_cluster
 
 STEPS = (1, 2, 4, 8)
 LOCAL_ROOMS = 4
@@ -59,32 +57,7 @@ REPLICAS = 3
 ROOM_SUB_PREFIX = "live.chat.room."
 
 
-# --- the 3-node cluster ------------------------------------------------------------------
-def cluster_config(name: str, cluster_port: int, peers: list[int]) -> str:
-    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in peers)
-    return (
-        f"server_name: {name}\n"
-        f"cluster {{\n  name: bench\n  listen: 127.0.0.1:{cluster_port}\n"
-        f"  routes: [{routes}]\n}}\n"
-    )
-
-
-def start_nats_cluster(base: Path, size: int = 3) -> list[NatsServer]:
-    """`size` routed nats-servers with JetStream, started together: a clustered server is
-    healthy only once it sees a meta leader, which needs a quorum of its peers."""
-    ports = [free_port() for _ in range(size)]
-    servers = [
-        NatsServer(
-            base / f"n{i}",
-            config=cluster_config(f"n{i}", ports[i], [p for j, p in enumerate(ports) if j != i]),
-        )
-        for i in range(size)
-    ]
-    with ThreadPoolExecutor(size) as pool:
-        list(pool.map(NatsServer.start, servers))
-    return servers
-
-
+# --- the 3-node cluster's monitoring ------------------------------------------------------
 def _monitor(server: NatsServer, path: str) -> dict[str, Any]:
     url = f"http://127.0.0.1:{server.monitor_port}/{path}"
     with urllib.request.urlopen(url, timeout=5) as resp:
