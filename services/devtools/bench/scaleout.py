@@ -257,13 +257,13 @@ async def _publish(url: str, subject: str, seconds: float, window: int) -> tuple
 
 
 def js_ceiling(
-    nodes: list[NatsServer], replicas: int, seconds: float, publishers: int
+    nodes: list[NatsServer], replicas: int, seconds: float, publishers: int, window: int = 2048
 ) -> dict[str, Any]:
     """Acked publishes/s into one fresh stream of `replicas`, and nats-server CPU each."""
     import nats
 
-    stream = f"CEIL{replicas}"
-    subject = f"ceil{replicas}.x"
+    stream = f"CEIL{replicas}W{window}"
+    subject = f"ceil{replicas}w{window}.x"
 
     async def create() -> str:
         nc = await nats.connect([s.url for s in nodes])
@@ -281,7 +281,7 @@ def js_ceiling(
     spawn = mp.get_context("spawn")
     out = spawn.Queue()
     workers = [
-        spawn.Process(target=_publisher, args=(url, subject, seconds, 256, out), daemon=True)
+        spawn.Process(target=_publisher, args=(url, subject, seconds, window, out), daemon=True)
         for _ in range(publishers)
     ]
     cpu = _measure_cpu(procs)
