@@ -36,6 +36,7 @@ class Costs:
     stream_msgs_per_s: float = 20_000  # one R3 stream's leader, acked publishes
     nats_us_per_stored_msg: float = 56  # nats-server CPU, 3 replicas, CHAT + ARCHIVE
     nats_us_per_delivery: float = 3  # a core message routed to one subscriber
+    nats_cores_per_node: float = 4
     archive_rows_per_replica: float = 11_800  # rows/s one replica writes
     postgres_rows_per_s: float = 23_600  # one primary, the archive's INSERT path
     presence_us_per_event: float = 1000  # an open or close: KV compare-and-set (+ event)
@@ -104,7 +105,8 @@ def plan(load: Load, costs: Costs = Costs()) -> Plan:
         + live * gateways * costs.nats_us_per_delivery
         + presence_writes * costs.nats_us_per_stored_msg
     ) / 1e6
-    nats_nodes = 3 * max(1, math.ceil(nats_cores / util / 3 / 4))  # 4-core nodes, by 3
+    # In threes: each R3 stream's replicas on three nodes, spread over groups of three.
+    nats_nodes = 3 * max(1, math.ceil(nats_cores / util / (3 * costs.nats_cores_per_node)))
     archive = max(2, math.ceil(load.msgs_per_s / (costs.archive_rows_per_replica * util)))
     primaries = max(1, math.ceil(load.msgs_per_s / (costs.postgres_rows_per_s * util)))
     presence_cores = (

@@ -84,8 +84,7 @@ def gateway_links(nodes: list[NatsServer], instances: list[str]) -> dict[str, di
 
 # --- the load ----------------------------------------------------------------------------
 def step_conns(ctx: Ctx, gateways: list[tuple[str, int]], tag: str) -> list[Conn]:
-    """Senders first (interleaved by gateway, so each load worker paces the same number
-    per gateway), then receivers."""
+    """Every room's sender and its `MEMBERS` receivers, for every gateway."""
     n = len(gateways)
     senders: list[Conn] = []
     receivers: list[Conn] = []
@@ -98,9 +97,7 @@ def step_conns(ctx: Ctx, gateways: list[tuple[str, int]], tag: str) -> list[Conn
             for m in range(MEMBERS):
                 h, p = (host, port) if local or m % 2 == 0 else nxt
                 receivers.append(Conn(h, p, ctx.token_fn(f"{room}-m{m}"), [room]))
-    per_gateway = LOCAL_ROOMS + CROSS_ROOMS
-    interleaved = [senders[g * per_gateway + r] for r in range(per_gateway) for g in range(n)]
-    return interleaved + receivers
+    return senders + receivers
 
 
 def run_step(
@@ -117,6 +114,8 @@ def run_step(
     conns = step_conns(ctx, gateways, tag)
     senders = [c for c in conns if c.role == "send"]
     rest = [c for c in conns if c.role != "send"]
+    # Each worker paces its senders round-robin at its share of the rate; with the same
+    # number of senders in each, every sender (so every gateway) sends at the same rate.
     parts = [senders[i :: ctx.workers] + rest[i :: ctx.workers] for i in range(ctx.workers)]
     rate = rate_per_gateway * n / ctx.workers
     fleet = Fleet([Plan("latency", part, {"rate": rate, "concurrency": 100}) for part in parts])
