@@ -32,6 +32,7 @@ from chatlib.auth import Authenticator
 from chatlib.proto.chat import v1 as pb
 from devtools.processes import ServiceProcess
 from devtools.servers import NatsServer, free_port, url_as
+from devtools.servers import start_nats_cluster as start_nats_cluster_processes
 from gateway.settings import DEV_SECRET, GatewaySettings
 from nats.aio.client import Client as NATS
 from websockets.asyncio.client import ClientConnection, connect
@@ -191,43 +192,10 @@ def http_get_json(url: str) -> Any:
 # --- a 3-node NATS cluster -------------------------------------------------------------
 
 
-def cluster_config(name: str, cluster_port: int, peers: list[int]) -> str:
-    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in peers)
-    return (
-        f"server_name: {name}\n"
-        f"cluster {{\n  name: chatc\n  listen: 127.0.0.1:{cluster_port}\n"
-        f"  routes: [{routes}]\n}}\n"
-    )
-
-
 async def start_nats_cluster(base: Path, size: int = 3) -> list[NatsServer]:
-    """`size` routed nats-servers with JetStream; returns once a meta leader is elected.
-
-    They are started together: a clustered server reports healthy only once it sees a
-    JetStream meta leader, which needs a quorum of its peers. A free port can be taken
-    between being picked and being bound (the peers' outgoing route connections use
-    ephemeral ports too): then the cluster is started again on other ports."""
-    for attempt in range(3):
-        cluster_ports = [free_port() for _ in range(size)]
-        servers = [
-            NatsServer(
-                base / f"try{attempt}" / f"n{i}",
-                config=cluster_config(
-                    f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]
-                ),
-            )
-            for i in range(size)
-        ]
-        started = await asyncio.gather(
-            *(asyncio.to_thread(s.start) for s in servers), return_exceptions=True
-        )
-        failed = [r for r in started if isinstance(r, BaseException)]
-        if not failed:
-            break
-        for server in servers:
-            await asyncio.to_thread(server.stop)
-        if attempt == 2:
-            raise failed[0]
+    """`size` routed nats-servers with JetStream (devtools.servers.start_nats_cluster);
+    returns once a meta leader is elected."""
+    servers = await asyncio.to_thread(start_nats_cluster_processes, base, size)
     urls = [s.url for s in servers]
     nc = await nats.connect(servers=urls, max_reconnect_attempts=-1)
     js = nc.jetstream()

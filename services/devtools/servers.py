@@ -213,6 +213,48 @@ class NatsServer:
         self.start()
 
 
+def nats_cluster_config(name: str, cluster_port: int, peers: list[int]) -> str:
+    """The config of one routed node `name` of a local cluster (JetStream comes from the
+    command line, see NatsServer.start)."""
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in peers)
+    return (
+        f"server_name: {name}\n"
+        f"cluster {{\n  name: chatc\n  listen: 127.0.0.1:{cluster_port}\n"
+        f"  routes: [{routes}]\n}}\n"
+    )
+
+
+def start_nats_cluster(base: Path, size: int = 3) -> list[NatsServer]:
+    """`size` routed nats-servers with JetStream (nodes n0, n1, ...), started together: a
+    clustered server reports healthy only once it sees a JetStream meta leader, which
+    needs a quorum of its peers. A free port can be taken between being picked and being
+    bound (the peers' outgoing route connections use ephemeral ports too): then the
+    cluster is started again on other ports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for attempt in range(3):
+        ports = [free_port() for _ in range(size)]
+        servers = [
+            NatsServer(
+                base / f"try{attempt}" / f"n{i}",
+                config=nats_cluster_config(
+                    f"n{i}", ports[i], [p for j, p in enumerate(ports) if j != i]
+                ),
+            )
+            for i in range(size)
+        ]
+        with ThreadPoolExecutor(size) as pool:
+            started = [pool.submit(s.start) for s in servers]
+            failed = [e for f in started if (e := f.exception()) is not None]
+        if not failed:
+            return servers
+        for server in servers:
+            server.stop()
+        if attempt == 2:
+            raise failed[0]
+    raise AssertionError("unreachable")
+
+
 class PostgresServer:
     """A Postgres cluster in `data_dir`, from the pgserver wheel's binaries or PATH."""
 

@@ -49,6 +49,9 @@ def _register_optional() -> None:
     from devtools.bench import userstate_scenarios
 
     SCENARIOS["userstate"] = userstate_scenarios.userstate
+    from devtools.bench import scaleout
+
+    SCENARIOS["scaleout"] = scaleout.scaleout
 
 
 def _parse_url(url: str) -> tuple[str, int]:
