@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.details["settle"] = settled
             runs.append(run)
             print(report.table([run]), flush=True)
+            # Written as it goes: a long run that breaks off keeps the figures it has.
+            report.write_json(runs, args.out, {"scale": args.scale, "partial": True})
     meta = {
         "scale": args.scale,
         "runs": args.runs,

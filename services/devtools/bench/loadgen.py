@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from devtools.bench import wsclient
+from devtools.bench import cluster, wsclient
 
 MESSAGE_MARK = b'"type":"message"'
 ACK_MARK = b'"type":"ack"'
@@ -160,6 +160,11 @@ async def open_clients(
 
 
 def worker_main(index: int, plan: Plan, progress: Any, go: Any, stop: Any, results: Any) -> None:
+    if cluster.OWN_SESSIONS:
+        # Its own CPU share under autogroup scheduling, like the services (cluster.py):
+        # clients are other machines, not a slice of the bench's share. The Fleet still
+        # stops it (terminate / kill by pid), a terminal's Ctrl-C reaches the bench.
+        os.setsid()
     try:
         data = asyncio.run(_worker(index, plan, progress, go, stop, results))
     except BaseException as exc:  # report, so the coordinator does not wait forever
