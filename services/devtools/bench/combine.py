@@ -41,7 +41,8 @@ def write(runs: list[Run], out: Path, meta: dict[str, Any]) -> str:
         f"{len(passes)} run(s); `worst of N` is the worst run's value, ratio (worst) the "
         "worst run's ratio to its same-run baseline; result judged on the worst run; "
         "loadgen / free cores: cores the load generator used in the system's measured "
-        "window (worst run) / cores left after it and the servers.\n\n"
+        "window (worst run) / cores left after it and the servers, or the machine's idle "
+        "cores over the scenario when fewer (other work on a shared machine).\n\n"
     )
     (out / "results.md").write_text(
         f"`{meta.get('command', '')}`\n\n"

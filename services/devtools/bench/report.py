@@ -169,6 +169,9 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
         cdf.legend()
         fig.suptitle("End-to-end latency distribution")
         written.append(_save(fig, out / "latency.png"))
+        per_second = d["gateway"].get("per_second")
+        if per_second:
+            written.append(_latency_timeline(plt, per_second, out / "latency-timeline.png"))
     for name, title, unit in (
         ("fanout", "Fan-out: frames delivered over time", "frames/s"),
         ("durable", "Durable send: acks over time", "acks/s"),
@@ -210,6 +213,25 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
         ax.legend()
         written.append(_save(fig, out / "history.png"))
     return written
+
+
+def _latency_timeline(plt: Any, per_second: dict[str, Any], path: Path) -> Path:
+    """p99 of each second next to who used the CPU in it: a tail and its cause."""
+    fig, (lat, cpu) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    p99 = per_second.get("latency_p99_ms", [])
+    lat.plot(range(len(p99)), p99, label="p99 of the messages sent in that second")
+    lat.set_yscale("log")
+    lat.set_ylabel("ms (log)")
+    lat.legend()
+    for name, series in per_second.get("procs", {}).items():
+        cpu.plot(range(len(series)), series, label=name)
+    others = per_second.get("others", [])
+    cpu.plot(range(len(others)), others, "k--", label="other processes (not ours)")
+    cpu.set_xlabel("second of the run")
+    cpu.set_ylabel("cores")
+    cpu.legend(fontsize="small", ncol=2)
+    fig.suptitle("Latency per second and CPU per process (system run)")
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
