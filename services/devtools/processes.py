@@ -14,11 +14,21 @@ from pathlib import Path
 class ServiceProcess:
     """`python -m <module>` with the given environment; ready when /readyz answers 200."""
 
-    def __init__(self, module: str, env: dict[str, str], http_port: int, log_file: Path) -> None:
+    def __init__(
+        self,
+        module: str,
+        env: dict[str, str],
+        http_port: int,
+        log_file: Path,
+        own_session: bool = False,
+    ) -> None:
         self.module = module
         self.env = env
         self.http_port = http_port
         self.log_file = log_file
+        # Its own session, hence (with the kernel's autogroup scheduling) its own share of
+        # the CPU, as a service in its own container has; whoever started it stops it.
+        self.own_session = own_session
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -31,7 +41,11 @@ class ServiceProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", self.module],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=self.own_session,
         )
         if wait_ready:
             self.wait_ready(timeout)

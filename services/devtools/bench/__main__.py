@@ -8,6 +8,7 @@ prints a table and writes results.json, results.md and PNG plots to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -18,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from devtools.bench import report, ws_scenarios
+from devtools.bench import combine, report, sampler, ws_scenarios
 from devtools.bench.cluster import BENCH_SECRET, Missing, mint_token
 from devtools.bench.report import Run
 from devtools.bench.ws_scenarios import Ctx
@@ -81,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         help="HS256 secret to mint guest tokens (the gateway's GATEWAY_GUEST_SECRET)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data and logs")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run every scenario N times (in N passes over the list); figures get their "
+        "min/median/max and are judged on the worst",
+    )
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="start each scenario at once, without waiting for the machine to settle",
+    )
     args = parser.parse_args(argv)
 
     chosen = args.only or list(SCENARIOS)
@@ -96,31 +109,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs: list[Run] = []
     began = time.monotonic()
-    for name in chosen:
-        print(f"== {name} ({args.scale})", flush=True)
-        t0 = time.monotonic()
-        try:
-            run = SCENARIOS[name](ctx)
-        except Missing as exc:
-            run = Run(name, [], error=str(exc))
-        except Exception as exc:  # one broken scenario must not lose the others' figures
-            traceback.print_exc()
-            run = Run(name, [], error=f"{type(exc).__name__}: {exc}")
-        run.details["seconds"] = round(time.monotonic() - t0, 1)
-        runs.append(run)
-        print(report.table([run]), flush=True)
+    for index in range(args.runs):
+        for name in chosen:
+            label = f" run {index + 1}/{args.runs}" if args.runs > 1 else ""
+            print(f"== {name} ({args.scale}){label}", flush=True)
+            # Each run starts its own servers (the scenarios do), so runs are independent
+            # samples; first the leftovers of the one before must be gone (sampler.py).
+            settled = None if args.no_settle else sampler.wait_quiet()
+            t0 = time.monotonic()
+            here = workdir / f"run{index + 1}" if args.runs > 1 else workdir
+            machine = sampler.CpuSampler({}).start()  # idle cores: was the machine shared?
+            try:
+                run = SCENARIOS[name](dataclasses.replace(ctx, workdir=here))
+            except Missing as exc:
+                run = Run(name, [], error=str(exc))
+            except Exception as exc:  # one broken scenario must not lose the others' figures
+                traceback.print_exc()
+                run = Run(name, [], error=f"{type(exc).__name__}: {exc}")
+            run.details["machine"] = sampler.summary(machine.stop(), os.cpu_count() or 1)
+            run.details["seconds"] = round(time.monotonic() - t0, 1)
+            run.details["pass"] = index
+            if settled is not None:
+                run.details["settle"] = settled
+            runs.append(run)
+            print(report.table([run]), flush=True)
+            # Written as it goes: a long run that breaks off keeps the figures it has.
+            report.write_json(runs, args.out, {"scale": args.scale, "partial": True})
     meta = {
         "scale": args.scale,
+        "runs": args.runs,
         "command": "python -m devtools.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "seconds": round(time.monotonic() - began, 1),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average": os.getloadavg(),
     }
-    print("\n" + report.table(runs))
-    report.write_json(runs, args.out, meta)
-    (args.out / "results.md").write_text(report.markdown(runs) + "\n")
+    combine.write(runs, args.out, meta)
     try:
         for path in report.plots(runs, args.out):
             print(f"plot: {path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,11 @@ from devtools.processes import ServiceProcess
 from devtools.servers import NatsServer, PostgresServer, free_port, wait_for_port
 
 BENCH_SECRET = "bench-only-guest-secret-not-for-production"
+# Each service in its own session, like NATS (devtools.servers): with the kernel's
+# autogroup scheduling (Linux's default) the CPU is shared per session, so services in the
+# bench's session would share ONE share with the load generator on a busy machine, while
+# in production each has its own container. BENCH_OWN_SESSIONS=0: the old way.
+OWN_SESSIONS = os.environ.get("BENCH_OWN_SESSIONS", "1") != "0"
 GUEST_ISSUER = "natschat-guest"
 
 
@@ -100,7 +106,8 @@ class Cluster:
             raise Missing(f"services/{module} has no __main__ yet")
         self._count += 1
         log = self.logs / f"{module}-{self._count}.log"
-        sp = ServiceProcess(module, env, port, log).start(wait_ready=wait, timeout=60)
+        sp = ServiceProcess(module, env, port, log, own_session=OWN_SESSIONS)
+        sp.start(wait_ready=wait, timeout=60)
         entry = (sp, Proc(f"{module}-{self._count}", sp.pid, port))
         self.services.append(entry)
         return entry

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from devtools.bench import wsclient
+from devtools.bench import cluster, wsclient
 
 MESSAGE_MARK = b'"type":"message"'
 ACK_MARK = b'"type":"ack"'
@@ -55,6 +55,7 @@ class Client:
         "closes",
         "conn",
         "latencies",
+        "latency_sent_at",
         "messages",
         "parse",
         "presence",
@@ -70,6 +71,7 @@ class Client:
         self.acks = 0
         self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.latencies: list[float] = []
+        self.latency_sent_at: list[float] = []  # send time of each latency, for a timeline
         self.parse = parse_latency
         self.closes = 0
         self.presence = 0  # presence frames received
@@ -83,7 +85,9 @@ class Client:
                 frame = orjson.loads(data)
                 sent = frame.get("content", "")
                 if sent.startswith("t="):
-                    self.latencies.append(time.time() - float(sent[2:]))
+                    at = float(sent[2:])
+                    self.latencies.append(time.time() - at)
+                    self.latency_sent_at.append(at)
         elif ACK_MARK in data:
             self.acks += 1
             _ACKS.add(1)
@@ -156,6 +160,11 @@ async def open_clients(
 
 
 def worker_main(index: int, plan: Plan, progress: Any, go: Any, stop: Any, results: Any) -> None:
+    if cluster.OWN_SESSIONS:
+        # Its own CPU share under autogroup scheduling, like the services (cluster.py):
+        # clients are other machines, not a slice of the bench's share. The Fleet still
+        # stops it (terminate / kill by pid), a terminal's Ctrl-C reaches the bench.
+        os.setsid()
     try:
         data = asyncio.run(_worker(index, plan, progress, go, stop, results))
     except BaseException as exc:  # report, so the coordinator does not wait forever
@@ -200,6 +209,7 @@ async def _worker(
     base_messages = [c.messages for c in clients]
     for c in clients:
         c.latencies.clear()
+        c.latency_sent_at.clear()
     senders = [c for c in clients if c.spec.role == "send"]
     receivers = [c for c in clients if c.spec.role == "recv"]
     tasks: list[asyncio.Task[Any]] = []
@@ -249,6 +259,7 @@ async def _worker(
         "received_by_port": recv_by_port,
         "receivers": len(receivers),
         "latencies": latencies,
+        "latency_sent_at": [at for c in clients for at in c.latency_sent_at],
         "closed_by_server": closed,
         "close_codes": sorted({c.conn.close_code for c in clients if c.conn and c.conn.close_code}),
         "sent": sent,

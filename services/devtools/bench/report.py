@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return float(sorted_values[k])
 
 
-def _fmt(v: float | None) -> str:
+def fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if abs(v) >= 100:
@@ -56,9 +56,9 @@ def table(runs: list[Run]) -> str:
             rows.append(
                 (
                     f.name,
-                    f"{_fmt(f.value)} {f.unit}",
-                    _fmt(f.baseline),
-                    _fmt(ratio),
+                    f"{fmt(f.value)} {f.unit}",
+                    fmt(f.baseline),
+                    fmt(ratio),
                     f.target,
                     verdict,
                 )
@@ -80,7 +80,7 @@ def markdown(runs: list[Run]) -> str:
             )
             verdict = "" if f.passed is None else ("pass" if f.passed else "**miss**")
             out.append(
-                f"| {f.name} | {_fmt(f.value)} {f.unit} | {_fmt(f.baseline)} | {_fmt(ratio)} | "
+                f"| {f.name} | {fmt(f.value)} {f.unit} | {fmt(f.baseline)} | {fmt(ratio)} | "
                 f"{f.target} | {verdict} |"
             )
     return "\n".join(out)
@@ -95,9 +95,13 @@ def _slim(details: Any) -> Any:
     return details
 
 
-def write_json(runs: list[Run], out: Path, meta: dict[str, Any]) -> Path:
+def write_json(
+    runs: list[Run], out: Path, meta: dict[str, Any], summary: list[dict[str, Any]] | None = None
+) -> Path:
+    """Every run's figures and details; with `summary`, each figure over the runs
+    (devtools.bench.spread: min/median/max, worst, worst ratio, pass on the worst)."""
     path = out / "results.json"
-    data = {
+    data: dict[str, Any] = {
         "meta": meta,
         "runs": [
             {
@@ -109,8 +113,26 @@ def write_json(runs: list[Run], out: Path, meta: dict[str, Any]) -> Path:
             for r in runs
         ],
     }
+    if summary is not None:
+        data["summary"] = summary
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+def read_json(path: Path) -> tuple[dict[str, Any], list[Run]]:
+    """A results.json back as (meta, runs): what `combine` merges."""
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(Figure)}  # a newer file's extra fields are left out
+    runs = [
+        Run(
+            r["scenario"],
+            [Figure(**{k: v for k, v in f.items() if k in known}) for f in r.get("figures", [])],
+            r.get("details", {}),
+            r.get("error", ""),
+        )
+        for r in data.get("runs", [])
+    ]
+    return data.get("meta", {}), runs
 
 
 def plots(runs: list[Run], out: Path) -> list[Path]:
@@ -147,6 +169,9 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
         cdf.legend()
         fig.suptitle("End-to-end latency distribution")
         written.append(_save(fig, out / "latency.png"))
+        per_second = d["gateway"].get("per_second")
+        if per_second:
+            written.append(_latency_timeline(plt, per_second, out / "latency-timeline.png"))
     for name, title, unit in (
         ("fanout", "Fan-out: frames delivered over time", "frames/s"),
         ("durable", "Durable send: acks over time", "acks/s"),
@@ -188,6 +213,25 @@ def plots(runs: list[Run], out: Path) -> list[Path]:
         ax.legend()
         written.append(_save(fig, out / "history.png"))
     return written
+
+
+def _latency_timeline(plt: Any, per_second: dict[str, Any], path: Path) -> Path:
+    """p99 of each second next to who used the CPU in it: a tail and its cause."""
+    fig, (lat, cpu) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    p99 = per_second.get("latency_p99_ms", [])
+    lat.plot(range(len(p99)), p99, label="p99 of the messages sent in that second")
+    lat.set_yscale("log")
+    lat.set_ylabel("ms (log)")
+    lat.legend()
+    for name, series in per_second.get("procs", {}).items():
+        cpu.plot(range(len(series)), series, label=name)
+    others = per_second.get("others", [])
+    cpu.plot(range(len(others)), others, "k--", label="other processes (not ours)")
+    cpu.set_xlabel("second of the run")
+    cpu.set_ylabel("cores")
+    cpu.legend(fontsize="small", ncol=2)
+    fig.suptitle("Latency per second and CPU per process (system run)")
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
