@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import deque
 
 import nats.errors
@@ -38,6 +39,11 @@ _NO_RESPONDERS = "503"
 # PubAck fields a PubAck can be built from directly; anything else (batch, count, val,
 # fields of a newer server) goes through nats-py's own reader.
 _PLAIN_FIELDS = frozenset(("stream", "seq", "duplicate", "domain"))
+# The PubAck nats-server writes for a plain stream, byte for byte (fields in its order,
+# `duplicate` only when true, and then as `"duplicate": true`): read without JSON.
+_COMMON_ACK = re.compile(
+    rb'\{"stream":"([A-Za-z0-9_-]+)","seq":([1-9][0-9]{0,19})(,"duplicate": ?true)?\}'
+)
 # How often the sweep looks for publishes past their deadline, as a share of the timeout
 # (a timeout fires at most this much late).
 _SWEEP_SHARE = 0.1
@@ -46,7 +52,13 @@ _SWEEP_SHARE = 0.1
 def parse_pub_ack(data: bytes) -> api.PubAck:
     """A JetStream publish reply as nats-py reads it (`PubAck.from_response`), or the
     `APIError` it carries. Most replies are `{"stream":..,"seq":..}` (+ `duplicate`),
-    built without nats-py's generic field walk."""
+    built without nats-py's generic field walk (or a JSON parser)."""
+    common = _COMMON_ACK.fullmatch(data)
+    if common is not None:
+        stream, seq, duplicate = common.groups()
+        return api.PubAck(
+            stream=stream.decode(), seq=int(seq), duplicate=True if duplicate else None
+        )
     resp = json.loads(data)
     error = resp.get("error")
     if error is not None:
