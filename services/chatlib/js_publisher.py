@@ -116,11 +116,11 @@ class JetStreamPublisher:
         stream: str | None = None,
     ) -> api.PubAck:
         """Publish and wait for the PubAck; `stream` makes JetStream refuse to store it in
-        any other stream (Nats-Expected-Stream, as js.publish)."""
+        any other stream (Nats-Expected-Stream, added to `headers` as js.publish does).
+        Waits at most the timeout for a slot, then at most the timeout for the PubAck."""
         if self._sub is None:
             raise nats.errors.ConnectionClosedError()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
         if self._slots.locked():  # the window is full: wait for a slot, not forever
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._timeout)
@@ -130,7 +130,8 @@ class JetStreamPublisher:
             await self._slots.acquire()  # returns at once
         try:
             if stream is not None:
-                headers = dict(headers or {})
+                if headers is None:
+                    headers = {}
                 headers[api.Header.EXPECTED_STREAM] = stream
             self._next_token += 1
             token = str(self._next_token)
@@ -143,7 +144,8 @@ class JetStreamPublisher:
             except BaseException:
                 del self._waiting[token]
                 raise
-            self._deadlines.append((deadline, token, future))
+            # Taken now, so deadlines are in the deque's order (the sweep relies on it).
+            self._deadlines.append((loop.time() + self._timeout, token, future))
             if self._sweep_timer is None:
                 self._sweep_timer = loop.call_later(self._timeout * _SWEEP_SHARE, self._sweep)
             return await future
