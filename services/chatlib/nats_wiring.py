@@ -16,6 +16,7 @@ from nats.js.errors import BadRequestError, ServerError
 from nats.js.kv import KeyValue
 
 from chatlib import names
+from chatlib.nats_client import Client
 from chatlib.settings import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,9 @@ async def connect(
     delay = 0.2
     while True:
         try:
-            return await nats.connect(**options)  # type: ignore[arg-type]
+            nc = Client()
+            await nc.connect(**options)  # type: ignore[arg-type]
+            return nc
         except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
             log.warning("nats not reachable yet (%s); retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)

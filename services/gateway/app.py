@@ -19,6 +19,7 @@ import uvicorn
 from chatlib import health, lifecycle, names, nats_wiring, validate
 from chatlib.auth import Authenticator, AuthError, Identity, new_holder
 from chatlib.guest_names import GuestNames, NameTaken, ensure_bucket
+from chatlib.js_publisher import JetStreamPublisher
 from chatlib.logs import setup_logging
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -65,6 +66,7 @@ class Gateway:
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.hub: Hub | None = None
+        self.publisher: JetStreamPublisher | None = None
         self.presence: PresenceLink | None = None
         self.user_events: userstate.UserEvents | None = None
         self.active: set[asyncio.Task[Any]] = set()
@@ -80,6 +82,9 @@ class Gateway:
     async def start(self, nc: NATS, js: JetStreamContext, instance: str) -> None:
         self.nc, self.js = nc, js
         self.hub = Hub(nc, js)
+        s = self.settings
+        self.publisher = JetStreamPublisher(nc, s.request_timeout, s.publish_max_in_flight)
+        await self.publisher.start()
         self.replay = SharedReplay(
             js,
             self.settings.recovery_max_messages,
@@ -146,11 +151,20 @@ class Gateway:
             await self.presence.stop()
         if self.hub is not None:
             await self.hub.stop()
+        if self.publisher is not None:
+            await self.publisher.stop()
 
     def deps(self) -> handlers.Deps:
         assert self.nc is not None and self.js is not None and self.hub is not None
+        assert self.publisher is not None
         return handlers.Deps(
-            self.nc, self.js, self.hub, self.settings, scope=self.scope, auth=self.auth
+            self.nc,
+            self.js,
+            self.hub,
+            self.settings,
+            self.publisher,
+            scope=self.scope,
+            auth=self.auth,
         )
 
     # --- the WebSocket ------------------------------------------------------------------

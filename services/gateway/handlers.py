@@ -11,6 +11,7 @@ from typing import Any
 
 from chatlib import codec, idempotency, ids, message_events, names
 from chatlib.auth import Authenticator
+from chatlib.js_publisher import JetStreamPublisher
 from chatlib.limits import TokenBucket
 from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
@@ -36,6 +37,7 @@ class Deps:
     js: JetStreamContext
     hub: Hub
     settings: GatewaySettings
+    publisher: JetStreamPublisher  # durable sends (publish_durably)
     scope: PresenceScope | None = None  # scoped presence (gateway/scope.py)
     auth: Authenticator | None = None  # for `auth` frames (gateway.reauth)
 
@@ -199,13 +201,7 @@ async def publish_durably(msg: ChatEvent, subject: str, session: Session, deps: 
     # Its live copy may come back before the PubAck: remember it first.
     deps.hub.published(key, payload, msg)
     try:
-        ack = await deps.js.publish(
-            subject,
-            payload,
-            timeout=deps.settings.request_timeout,
-            stream=names.STREAM_CHAT,
-            headers=headers,
-        )
+        ack = await deps.publisher.publish(subject, payload, headers, stream=names.STREAM_CHAT)
         msg_id, ts = msg.id, msg.ts_ms
         if ack.duplicate:
             # JetStream stored nothing and republished nothing: no live copy comes back.

@@ -26,6 +26,9 @@ class GatewaySettings(ClientSettings):
     # Compare a reused client_id's request with the stored one (idempotency_conflict when
     # they differ). Off only to measure its cost (`make bench`); production refuses off.
     idempotency_check: bool = True
+    # Durable sends waiting for their PubAck at once, over all sockets (chatlib.js_publisher);
+    # past it a send waits for a slot, within the request timeout.
+    publish_max_in_flight: int = Field(default=4096, gt=0)
     # Frames queued for one socket before it counts as too slow and is disconnected.
     send_queue_frames: int = Field(default=512, gt=0)
     # Reconnect recovery replays at most this many messages from the CHAT log.

@@ -1,0 +1,83 @@
+"""chatlib.nats_client: the services' NATS client reads message headers exactly as
+nats-py's own reader does (it only remembers which names it has checked)."""
+
+from __future__ import annotations
+
+import pytest
+from chatlib import nats_client, nats_wiring
+from chatlib.settings import CommonSettings
+from devtools.servers import NatsServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.aio.client import Client as LibraryClient
+
+library_parse = LibraryClient._parse_header_lines
+
+REPUBLISHED = (
+    b"Chat-Type: chat.v1.ChatMessage\r\nNats-Msg-Id: u1:c1\r\n"
+    b"Chat-Request-Hash: b2:00112233445566778899aabbccddeeff\r\n"
+    b"Nats-Expected-Stream: CHAT\r\nNats-Stream: CHAT\r\nNats-Subject: chat.room.r1\r\n"
+    b"Nats-Sequence: 42\r\nNats-Time-Stamp: 2026-12-02T03:00:00.123456789Z\r\n"
+    b"Nats-Last-Sequence: 41\r\n\r\n"
+)
+
+ODD = [
+    b"",
+    b"\r\n\r\n",
+    b"a:b",  # no space after the colon
+    b"a:\tb \r\n",  # tab before, space after the value
+    b" spaced : value \r\n",  # whitespace around the name is trimmed
+    b"in side: x\r\n",  # whitespace inside the name: skipped
+    b"sep\x1carator: x\r\n",  # \x1c is whitespace to str.isspace
+    b"\xc3\xa9t\xc3\xa9: x\r\n",  # non-ASCII name: skipped
+    b"v: \xff\xfe bad utf-8\r\n",  # bad UTF-8 value: U+FFFD
+    b"v: \xc3\xa9t\xc3\xa9\r\n",  # UTF-8 value
+    b"no colon here\r\nk: v\r\n",
+    b": empty name\r\n",
+    b"k: first\r\nk: second\r\n",  # the last one wins
+    b"k: a:b:c\r\n",  # colons in the value
+    b"k:\r\n",  # empty value
+    REPUBLISHED,
+]
+
+
+@pytest.mark.parametrize("raw", ODD)
+def test_headers_read_as_nats_py_reads_them(raw: bytes) -> None:
+    assert nats_client.parse_header_lines(raw) == library_parse(raw)
+    # ... and again, once the names are remembered.
+    assert nats_client.parse_header_lines(raw) == library_parse(raw)
+
+
+LINE = st.binary(max_size=12) | st.sampled_from(
+    [b"Nats-Sequence: 7", b" k : v ", b"a b: c", b"\x1ck: v", b"k:\xff", b":", b""]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(LINE, max_size=8), st.sampled_from([b"\r\n", b"\n", b"\r"]))
+def test_any_header_block_reads_as_nats_py_reads_it(lines: list[bytes], sep: bytes) -> None:
+    raw = sep.join(lines)
+    assert nats_client.parse_header_lines(raw) == library_parse(raw)
+
+
+async def test_services_connect_with_the_cheaper_reader_and_headers_arrive(
+    nats_server: NatsServer,
+) -> None:
+    settings_ = CommonSettings(nats_servers=[nats_server.url])
+    nc = await nats_wiring.connect(settings_, "header-test")
+    try:
+        assert isinstance(nc, nats_client.Client)
+        sub = await nc.subscribe("hdr.test")
+        await nc.publish("hdr.test", b"x", headers={"Chat-Type": "t", "Nats-Msg-Id": "m1"})
+        msg = await sub.next_msg(timeout=5)
+        assert msg.headers == {"Chat-Type": "t", "Nats-Msg-Id": "m1"}
+    finally:
+        await nc.close()
+
+
+def test_the_library_reader_is_still_where_we_replace_it() -> None:
+    """nats-py calls `self._parse_header_lines`; if a new version renames it, this fails
+    rather than our reader silently going unused."""
+    import inspect
+
+    assert "self._parse_header_lines(" in inspect.getsource(LibraryClient._process_headers)
