@@ -22,6 +22,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from chatlib.auth import Authenticator, Identity
 
@@ -37,16 +38,24 @@ class Admission:
     """Sockets accepted and not yet greeted hold a ticket; at most `concurrency` tickets
     are being answered at once (their turn), the others wait."""
 
-    def __init__(self, concurrency: int, queue: int, retry_after: int) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        queue: int,
+        retry_after: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._limit = concurrency + queue
         self._retry_after = retry_after
+        self._clock = clock
         self.pending = 0
-        # Hellos greeted per second, smoothed: how fast the queue drains.
+        # Hellos greeted per second while hellos were waiting, smoothed: how fast the
+        # queue drains (0: never measured; then only the fixed limit applies).
         self._rate = 0.0
         self._count = 0
-        self._since = time.monotonic()
+        self._since = clock()
 
     def full(self) -> bool:
         """No room even to wait: refuse the handshake (503)."""
@@ -61,8 +70,15 @@ class Admission:
         return int(min(30, max(self._retry_after, math.ceil(drain))))
 
     def greeted(self) -> None:
+        now = self._clock()
+        # Only a gateway with hellos waiting shows how fast it greets: an idle stretch
+        # measures how few clients came, not how many it could take, and that stale low
+        # rate refused a storm's first wave with a Retry-After of 30 s (every client back
+        # only after 30-60 s). (`pending` still counts this hello.)
+        if self.pending <= self._concurrency:
+            self._count, self._since = 0, now
+            return
         self._count += 1
-        now = time.monotonic()
         if now - self._since >= 1.0:
             rate = self._count / (now - self._since)
             self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
