@@ -205,3 +205,10 @@ async def test_admission_learns_its_greeting_rate_only_while_hellos_wait() -> No
     assert admission.full()  # the hard limit: concurrency + queue
     for ticket in held:
         ticket.done()
+    # Slow greeting (1/s): a long queue, but never sent away for more than 10 s.
+    await greet(10, 10.0, waiting=60)
+    held = [admission.ticket() for _ in range(60)]
+    assert admission.full()
+    assert admission.retry_after() == 10
+    for ticket in held:
+        ticket.done()

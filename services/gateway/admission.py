@@ -32,6 +32,10 @@ TOKEN_CACHE_MAX = 50_000
 # Once the greeting rate is known, no more sockets wait than can be greeted in this many
 # seconds: well within a client's patience (our clients wait 10-30 s for welcome/resumed).
 QUEUE_SECONDS = 10.0
+# The longest Retry-After: the queue is bounded to what is greeted in QUEUE_SECONDS, and
+# a client waits Retry-After plus up to as much again (jitter), so a longer one only
+# leaves the gateway idle while its clients wait (a storm's tail came back after 60 s).
+RETRY_AFTER_MAX = 10
 
 
 class Admission:
@@ -65,9 +69,10 @@ class Admission:
 
     def retry_after(self) -> int:
         """Seconds a refused client should stay away: at least the setting, and about as
-        long as the queue takes to drain at the current greeting rate (at most 30)."""
+        long as the queue takes to drain at the current greeting rate (at most
+        RETRY_AFTER_MAX)."""
         drain = self.pending / self._rate if self._rate > 0 else 0.0
-        return int(min(30, max(self._retry_after, math.ceil(drain))))
+        return int(min(RETRY_AFTER_MAX, max(self._retry_after, math.ceil(drain))))
 
     def greeted(self) -> None:
         now = self._clock()
