@@ -68,3 +68,19 @@ def test_a_non_canonical_heartbeat_is_left_to_the_codec() -> None:
     swapped = data[data.index(b"\x12") :] + data[: data.index(b"\x12")]
     assert presence_wire.parse_heartbeat(swapped) is None
     assert codec.decode_as(pb.Heartbeat, swapped).gateway_id == "g1"
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, int64s, st.sampled_from([pb.UserOnline, pb.UserOffline]))
+def test_user_events_are_read_as_betterproto_does(user: str, ts_ms: int, cls: type) -> None:
+    assert presence_wire.parse_user_event(bytes(cls(user=user, ts_ms=ts_ms))) == (user, ts_ms)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40))
+def test_what_the_event_reader_accepts_the_codec_reads_the_same(data: bytes) -> None:
+    mine = presence_wire.parse_user_event(data)
+    if mine is None:
+        return
+    event = codec.decode_as(pb.UserOnline, data)
+    assert (event.user, event.ts_ms) == mine

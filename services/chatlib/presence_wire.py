@@ -5,6 +5,8 @@ chatlib.wire for the same reasoning on messages).
 
 - `encode_connection` once per connection (when it opens), then `encode_heartbeat` joins
   the stored pieces: byte for byte what `bytes(pb.Heartbeat(...))` writes.
+- `parse_user_event`: the user of a UserOnline / UserOffline (same layout), which every
+  gateway reads once per transition.
 - `parse_heartbeat`: reads the canonical encoding (fields in order, connections as one
   run, no defaults written, minimal varints, valid UTF-8) into plain tuples with the same
   attribute names; None for anything else, so the caller falls back to the codec.
@@ -106,12 +108,35 @@ def parse_heartbeat(data: bytes) -> Heartbeat | None:
             connections.append(connection)
             pos += length
         elif key == _TS_KEY:
-            ts_read = _read_varint(data, pos, end)
-            if ts_read is None or ts_read[0] == 0 or ts_read[0] >= 1 << 64:
+            ts_read = _ts(data, pos, end)
+            if ts_read is None:
                 return None
             ts_ms, pos = ts_read
-            if ts_ms >= 1 << 63:
-                ts_ms -= 1 << 64
         else:
             return None
     return Heartbeat(gateway_id, connections, ts_ms)
+
+
+def _ts(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    read = _read_varint(data, pos, end)
+    if read is None or read[0] == 0 or read[0] >= 1 << 64:
+        return None
+    value, pos = read
+    return (value - (1 << 64) if value >= 1 << 63 else value), pos
+
+
+def parse_user_event(data: bytes) -> tuple[str, int] | None:
+    """(user, ts_ms) of a canonically encoded UserOnline / UserOffline, else None."""
+    user, ts_ms = "", 0
+    pos, end = 0, len(data)
+    if pos < end and data[pos] == 0x0A:
+        read = _text(data, pos + 1, end)
+        if read is None:
+            return None
+        user, pos = read
+    if pos < end and data[pos] == 0x10:
+        ts_read = _ts(data, pos + 1, end)
+        if ts_read is None:
+            return None
+        ts_ms, pos = ts_read
+    return (user, ts_ms) if pos == end else None
