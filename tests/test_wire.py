@@ -4,7 +4,7 @@ same bytes out, the same values in, and never accepting a payload the codec woul
 from __future__ import annotations
 
 from archive import handlers
-from chatlib import codec, ids, message_events, names, wire
+from chatlib import codec, ids, wire
 from chatlib.proto.chat import v1 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -128,29 +128,3 @@ def test_a_search_page_encodes_as_betterproto2_does() -> None:
     hits = [(bytes(message), "\ue000x\ue001 y"), (bytes(message), "")]
     assert wire.encode_search_page(hits, True) == bytes(expected)
     assert pb.SearchPage.parse(wire.encode_search_page([], False)) == pb.SearchPage()
-
-
-@settings(max_examples=300, deadline=None)
-@given(messages)
-def test_chat_messages_decode_through_the_fast_path_as_the_codec_reads_them(
-    message: pb.ChatMessage,
-) -> None:
-    data, headers = codec.encode(message)
-    expected = codec.decode_as(pb.ChatMessage, data, headers)
-    assert message_events.decode_chat(data, headers) == expected
-    assert message_events.decode_chat(data, None) == expected  # an untyped payload
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=80))
-def test_decode_chat_accepts_and_refuses_what_the_codec_does(data: bytes) -> None:
-    headers = {names.HEADER_TYPE: codec.type_name_of(pb.ChatMessage)}
-
-    def outcome(decode: object) -> object:
-        try:
-            return decode(data, headers)  # type: ignore[operator]
-        except codec.DecodeError:
-            return "refused"
-
-    reference = outcome(lambda d, h: codec.decode_as(pb.ChatMessage, d, h))
-    assert outcome(message_events.decode_chat) == reference

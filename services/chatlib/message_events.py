@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TypeAlias, cast
 
-from chatlib import codec, idempotency, names, wire
+from chatlib import codec, idempotency, names
 from chatlib.proto.chat import v1 as pb
 
 Lifecycle: TypeAlias = pb.MessageEdit | pb.MessageDelete | pb.ReactionChange
@@ -41,19 +41,9 @@ EMOJI_SET = frozenset(EMOJI)
 DEFAULT_EDIT_WINDOW_S = 24 * 3600
 
 
-_CHAT_MESSAGE = codec.type_name_of(pb.ChatMessage)
-
-
 def decode_chat(data: bytes, headers: dict[str, str] | None) -> ChatEvent:
     """A payload from a chat subject; codec.DecodeError for anything else."""
     declared = (headers or {}).get(names.HEADER_TYPE)
-    if (declared is None or declared == _CHAT_MESSAGE) and data:
-        # Messages are what a gateway decodes most (every live one, every one a resuming
-        # client is replayed): chatlib.wire reads their canonical encoding ~9x faster
-        # than betterproto2, and returns None for anything else (the codec judges it).
-        fields = wire.parse_chat_message(data)
-        if fields is not None:
-            return pb.ChatMessage(**fields._asdict())
     if declared is None:
         return codec.decode_as(pb.ChatMessage, data, headers)
     cls = _CHAT_TYPES.get(declared)
