@@ -169,9 +169,11 @@ class ChatClient:
         resume_seq: int | None = None,
         token: str | None = None,
         origin: str | None = None,
+        hello_extra: Frame | None = None,
         **ws_options: Any,
     ) -> ChatClient:
-        """Connect, say hello with a guest token (unless given one), wait for welcome."""
+        """Connect, say hello with a guest token (unless given one) and any `hello_extra`
+        fields, wait for welcome."""
         client = await cls.open(gw, user, origin=origin, **ws_options)
         hello: Frame = {
             "type": "hello",
@@ -182,6 +184,7 @@ class ChatClient:
             hello["rooms"] = rooms
         if resume_seq is not None:
             hello["resume_seq"] = resume_seq
+        hello.update(hello_extra or {})
         await client.send(hello)
         client.welcome = await client.expect(type="welcome")
         return client

@@ -12,6 +12,7 @@ from chatlib.auth import Authenticator, AuthError
 from chatlib.limits import AbuseGuard, TokenBucket
 from chatlib.proto.chat import v1 as pb
 from gateway import frames
+from gateway.admission import Admission
 from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.frames import FrameError
@@ -170,3 +171,44 @@ async def test_a_failed_shared_read_fails_its_callers_and_the_next_read_starts_f
 def test_frames_written_straight_to_the_socket_are_what_websockets_would_send(size: int) -> None:
     payload = b"x" * size
     assert _text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+async def test_admission_learns_its_greeting_rate_only_while_hellos_wait() -> None:
+    now = [0.0]
+    admission = Admission(concurrency=2, queue=100, retry_after=2, clock=lambda: now[0])
+
+    async def greet(count: int, seconds: float, waiting: int) -> None:
+        """`count` hellos greeted over `seconds`, with `waiting` more sockets queued."""
+        queued = [admission.ticket() for _ in range(waiting)]
+        for _ in range(count):
+            ticket = admission.ticket()
+            await ticket.turn()
+            now[0] += seconds / count
+            ticket.done()
+        for ticket in queued:
+            ticket.done()
+
+    # Idle: one hello every 10 s says nothing about how many it could greet. A storm's
+    # first wave must not be refused for an hour (Retry-After stays the floor).
+    await greet(3, 30.0, waiting=0)
+    held = [admission.ticket() for _ in range(60)]
+    assert not admission.full()
+    assert admission.retry_after() == 2
+    for ticket in held:
+        ticket.done()
+    # Saturated (sockets waiting for a turn): 50 greeted/s is the drain rate.
+    await greet(100, 2.0, waiting=10)
+    held = [admission.ticket() for _ in range(80)]
+    assert not admission.full()  # within QUEUE_SECONDS of greeting, below the hard limit
+    assert admission.retry_after() == 2  # 80 waiting drain in under 2 s
+    held += [admission.ticket() for _ in range(22)]
+    assert admission.full()  # the hard limit: concurrency + queue
+    for ticket in held:
+        ticket.done()
+    # Slow greeting (1/s): a long queue, but never sent away for more than 10 s.
+    await greet(10, 10.0, waiting=60)
+    held = [admission.ticket() for _ in range(60)]
+    assert admission.full()
+    assert admission.retry_after() == 10
+    for ticket in held:
+        ticket.done()

@@ -165,3 +165,74 @@ async def _members(client: ChatClient, room: str, **request: Any) -> dict[str, A
     await client.send({"type": "members", "room": room, **request})
     frames = await client.expect_count(before + 1, type="members", room=room)
     return frames[before]
+
+
+BATCH = {"presence_batch": True}
+
+
+def transitions(client: ChatClient, user: str) -> list[bool]:
+    """`user`'s changes as this socket saw them, from `presence` and `presence_batch`."""
+    seen: list[bool] = []
+    for f in client.frames:
+        if f.get("type") == "presence" and f.get("user") == user:
+            seen.append(f["online"])
+        elif f.get("type") == "presence_batch":
+            assert user not in f["online"] or user not in f["offline"]
+            if user in f["online"] or user in f["offline"]:
+                seen.append(user in f["online"])
+    return seen
+
+
+@pytest.fixture
+def batching_gateways(nc: NATS, nats_server: Any, logs_dir: Path) -> Iterator[list[GatewayProc]]:
+    # dev has 4 members here (the lobby, with the fillers, 9 online: still big). A long
+    # interval, so that quick flips fall within one batch.
+    env = {"GATEWAY_PRESENCE_ROOM_MAX": "5", "GATEWAY_PRESENCE_BATCH_MS": "1000"}
+    with start_gateways(nats_server.url, logs_dir, 2, env) as gws:
+        yield gws
+
+
+async def test_batched_presence_reaches_exactly_room_members_once_per_transition(
+    presence_replicas: PresenceReplicas, batching_gateways: list[GatewayProc]
+) -> None:
+    presence_replicas.start(2)  # two replicas: still one change per transition
+    a, b = batching_gateways
+    fillers = [await ChatClient.connect(gw, f"filler{i}") for i, gw in enumerate([a, b, a, b])]
+    async with clients(
+        ChatClient.connect(a, "alice", rooms=["dev"], hello_extra=BATCH),
+        ChatClient.connect(b, "erin", rooms=["dev"], hello_extra=BATCH),
+        ChatClient.connect(a, "carol", rooms=["ops"], hello_extra=BATCH),
+        # A v1 client (no presence_batch) in the same room keeps its presence frames.
+        ChatClient.connect(b, "frank", rooms=["dev"]),
+    ) as (alice, erin, carol, frank):
+        bob = await ChatClient.connect(b, "bob", rooms=["dev"])
+        # (The batch may also carry the others of dev coming online just before.)
+        for client in (alice, erin, frank):
+            await wait_until(lambda c=client: transitions(c, "bob") == [True], f"{client.user}")
+        # One timer sends every pending batch of a gateway at once: alice's came, so
+        # carol's would have too (same gateway); a pong then follows anything pushed.
+        for client in (carol, *fillers):
+            await settled(client)
+            assert transitions(client, "bob") == [], client.user
+
+        # Offline, online, offline well within one interval: each transition still
+        # arrives once and in order (a flip ends the pending batch early).
+        await bob.close()
+        bob = await ChatClient.connect(b, "bob", rooms=["dev"])
+        # frank (unbatched) sees each change at once: bob is online again before he goes.
+        await wait_until(lambda: transitions(frank, "bob") == [True, False, True], "bob back")
+        await bob.close()
+        for client in (alice, erin, frank):
+            await wait_until(
+                lambda c=client: len(transitions(c, "bob")) >= 4, f"{client.user}: 4 changes"
+            )
+        for client in (alice, erin, frank, carol, *fillers):
+            await settled(client)
+        for client in (alice, erin, frank):
+            assert transitions(client, "bob") == [True, False, True, False], client.user
+        for client in (alice, erin):
+            assert client.matching(type="presence", user="bob") == [], "batched: no single frames"
+        for client in (carol, *fillers):
+            assert transitions(client, "bob") == [], client.user
+    for filler in fillers:
+        await filler.close()

@@ -33,6 +33,11 @@ def type_name(message: betterproto2.Message) -> str:
     return _full_name(type(message))
 
 
+def type_name_of(cls: type[betterproto2.Message]) -> str:
+    """The header value naming payloads of type `cls`."""
+    return _full_name(cls)
+
+
 def encode(message: betterproto2.Message) -> tuple[bytes, dict[str, str]]:
     """Payload bytes and the headers that name the payload's type."""
     # ChatMessage is on every send's path: wire writes the same bytes much faster. It

@@ -18,7 +18,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from chatlib import codec, names
+from chatlib import codec, names, presence_wire
 from chatlib.proto.chat import v1 as pb
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class PresenceReporter:
         self.interval = interval
         # connection_id -> user: what the heartbeat lists.
         self.connections: dict[str, str] = {}
+        # connection_id -> its heartbeat entry, encoded once (presence_wire).
+        self._entries: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -54,6 +56,7 @@ class PresenceReporter:
 
     async def opened(self, connection_id: str, user: str) -> None:
         self.connections[connection_id] = user
+        self._entries[connection_id] = presence_wire.encode_connection(connection_id, user)
         message = pb.ConnectionOpened(
             gateway_id=self.gateway_id, connection_id=connection_id, user=user, ts_ms=now_ms()
         )
@@ -61,21 +64,24 @@ class PresenceReporter:
 
     async def closed(self, connection_id: str, user: str) -> None:
         self.connections.pop(connection_id, None)
+        self._entries.pop(connection_id, None)
         message = pb.ConnectionClosed(
             gateway_id=self.gateway_id, connection_id=connection_id, user=user, ts_ms=now_ms()
         )
         await self._publish(names.PRESENCE_CONN_CLOSED, message)
 
     async def beat(self) -> None:
-        message = pb.Heartbeat(
-            gateway_id=self.gateway_id,
-            connections=[
-                pb.Connection(connection_id=cid, user=user)
-                for cid, user in list(self.connections.items())
-            ],
-            ts_ms=now_ms(),
+        # Byte for byte bytes(pb.Heartbeat(...)), from the entries stored at open.
+        payload = presence_wire.encode_heartbeat(
+            self.gateway_id, list(self._entries.values()), now_ms()
         )
-        await self._publish(names.heartbeat_subject(self.gateway_id), message)
+        headers = {names.HEADER_TYPE: codec.type_name_of(pb.Heartbeat)}
+        try:
+            await self.nc.publish(
+                names.heartbeat_subject(self.gateway_id), payload, headers=headers
+            )
+        except Exception as exc:  # NATS closed or buffer full: the next beat repairs it
+            log.warning("presence heartbeat failed: %s", exc)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -22,6 +22,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from chatlib.auth import Authenticator, Identity
 
@@ -31,22 +32,34 @@ TOKEN_CACHE_MAX = 50_000
 # Once the greeting rate is known, no more sockets wait than can be greeted in this many
 # seconds: well within a client's patience (our clients wait 10-30 s for welcome/resumed).
 QUEUE_SECONDS = 10.0
+# The longest Retry-After: the queue is bounded to what is greeted in QUEUE_SECONDS, and
+# a client waits Retry-After plus up to as much again (jitter), so a longer one only
+# leaves the gateway idle while its clients wait (a storm's tail came back after 60 s).
+RETRY_AFTER_MAX = 10
 
 
 class Admission:
     """Sockets accepted and not yet greeted hold a ticket; at most `concurrency` tickets
     are being answered at once (their turn), the others wait."""
 
-    def __init__(self, concurrency: int, queue: int, retry_after: int) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        queue: int,
+        retry_after: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._limit = concurrency + queue
         self._retry_after = retry_after
+        self._clock = clock
         self.pending = 0
-        # Hellos greeted per second, smoothed: how fast the queue drains.
+        # Hellos greeted per second while hellos were waiting, smoothed: how fast the
+        # queue drains (0: never measured; then only the fixed limit applies).
         self._rate = 0.0
         self._count = 0
-        self._since = time.monotonic()
+        self._since = clock()
 
     def full(self) -> bool:
         """No room even to wait: refuse the handshake (503)."""
@@ -56,13 +69,21 @@ class Admission:
 
     def retry_after(self) -> int:
         """Seconds a refused client should stay away: at least the setting, and about as
-        long as the queue takes to drain at the current greeting rate (at most 30)."""
+        long as the queue takes to drain at the current greeting rate (at most
+        RETRY_AFTER_MAX)."""
         drain = self.pending / self._rate if self._rate > 0 else 0.0
-        return int(min(30, max(self._retry_after, math.ceil(drain))))
+        return int(min(RETRY_AFTER_MAX, max(self._retry_after, math.ceil(drain))))
 
     def greeted(self) -> None:
+        now = self._clock()
+        # Only a gateway with hellos waiting shows how fast it greets: an idle stretch
+        # measures how few clients came, not how many it could take, and that stale low
+        # rate refused a storm's first wave with a Retry-After of 30 s (every client back
+        # only after 30-60 s). (`pending` still counts this hello.)
+        if self.pending <= self._concurrency:
+            self._count, self._since = 0, now
+            return
         self._count += 1
-        now = time.monotonic()
         if now - self._since >= 1.0:
             rate = self._count / (now - self._since)
             self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate

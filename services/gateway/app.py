@@ -275,6 +275,10 @@ class Gateway:
         ):
             problems.append(FrameError("bad_frame", "resume_seq must be an integer >= 0"))
             resume = None
+        batch = hello.get("presence_batch", False)
+        if not isinstance(batch, bool):
+            problems.append(FrameError("bad_frame", "presence_batch must be true or false"))
+            batch = False
         watch: list[str] = []
         if "watch" in hello:
             try:
@@ -288,6 +292,8 @@ class Gateway:
         # message after the snapshot arrives live, everything before it is replayed.
         await deps.hub.add(session, rooms)
         assert self.scope is not None and self.roster is not None
+        if batch:
+            self.scope.batch(session)
         for room in rooms:
             self.scope.joined(session, room)
         self.scope.set_watch(session, watch)

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 
-from chatlib import codec, message_events, names
+from chatlib import codec, message_events, names, presence_wire
 from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Last seq delivered per DM subject, for gap detection: bounded (DM threads are many).
 DM_DELIVERED_MAX = 100_000
+_USER_ONLINE = codec.type_name_of(pb.UserOnline)
+_USER_OFFLINE = codec.type_name_of(pb.UserOffline)
 # Messages published here whose live copy has not come back yet (see Hub.published).
 PUBLISHED_MAX = 4096
 LiveHandler = Callable[[Msg], Awaitable[None]]
@@ -279,19 +281,30 @@ class Hub:
                 session.push(frame)
 
     async def _on_presence(self, msg: Msg) -> None:
-        try:
-            event = codec.decode(msg.data, msg.headers)
-        except codec.DecodeError as exc:
-            log.warning("undecodable presence event: %s", exc)
-            return
-        if isinstance(event, pb.UserOnline | pb.UserOffline):
-            online = isinstance(event, pb.UserOnline)
+        declared = (msg.headers or {}).get(names.HEADER_TYPE)
+        online = declared == _USER_ONLINE
+        # Every gateway reads every transition: the hand-written reader first (None for
+        # anything but the canonical encoding, which the codec then judges).
+        fast = (
+            presence_wire.parse_user_event(msg.data)
+            if online or declared == _USER_OFFLINE
+            else None
+        )
+        if fast is not None:
+            user = fast[0]
         else:
-            return
+            try:
+                event = codec.decode(msg.data, msg.headers)
+            except codec.DecodeError as exc:
+                log.warning("undecodable presence event: %s", exc)
+                return
+            if not isinstance(event, pb.UserOnline | pb.UserOffline):
+                return
+            user, online = event.user, isinstance(event, pb.UserOnline)
         if self.presence_sink is not None:
-            self.presence_sink(event.user, online)
+            self.presence_sink(user, online)
             return
-        self.broadcast(frames.dumps({"type": "presence", "user": event.user, "online": online}))
+        self.broadcast(frames.dumps({"type": "presence", "user": user, "online": online}))
 
     def broadcast(self, frame: str) -> None:
         for session in list(self.sessions):

@@ -10,10 +10,18 @@ online/offline transition once (one presence.event.> subscription, decoded once)
 sends it as a frame only to its local sockets that share a small room with the user or
 watch them. A user coming online therefore costs sum(local members of their small
 rooms) + watchers frames, independent of how many users are online in total.
+
+Batching: a socket that said `"presence_batch": true` in its hello gets its changes
+gathered for up to `presence_batch_ms` and sent as one `presence_batch` frame (online and
+offline lists) instead of one `presence` frame each: when many users come online at once
+(a busy hour, a reconnect storm) a socket then costs one write per interval, not one per
+user. A user whose state flips while a batch is pending ends that batch early, so every
+transition still reaches the socket once, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +40,11 @@ class PresenceScope:
         self.watchers: dict[str, set[Session]] = {}
         # session -> the users it watches (kept here: Session is shared and slotted).
         self.watching: dict[Session, set[str]] = {}
+        # Sessions that take `presence_batch` frames, and their changes not sent yet
+        # (user -> online), flushed together every presence_batch_ms.
+        self.batched: set[Session] = set()
+        self._pending: dict[Session, dict[str, bool]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
         roster.on_member_added = self.member_added
         hub.presence_sink = self.transition
 
@@ -55,19 +68,56 @@ class PresenceScope:
         was_online = user in self.roster.online
         self.roster.set_online(user, online)
         targets = self.audience(user, in_lobby=online or was_online)
-        self._push(targets, presence_frame(user, online))
+        self._push(targets, user, online)
 
     def member_added(self, room: str, user: str) -> None:
         """A new member of a room: its local members see them online, if they are."""
         local = self.hub.room_members.get(room)
         if local and user in self.roster.online and self.roster.pushes_presence(room):
-            self._push(local, presence_frame(user, True))
+            self._push(local, user, True)
 
-    def _push(self, targets: Iterable[Session], frame: str) -> None:
+    def _push(self, targets: Iterable[Session], user: str, online: bool) -> None:
+        frame = ""  # rendered once, for the first session that takes single frames
         for session in targets:
             # Presence is a state: a session still answering hello gets it in welcome.
-            if session.live_buffer is None:
-                session.push(frame)
+            if session.live_buffer is not None:
+                continue
+            if session in self.batched:
+                self._add_to_batch(session, user, online)
+                continue
+            if not frame:
+                frame = presence_frame(user, online)
+            session.push(frame)
+
+    # --- batching ---------------------------------------------------------------------
+    def batch(self, session: Session) -> None:
+        """The session takes `presence_batch` frames (it opted in at hello)."""
+        self.batched.add(session)
+
+    def _add_to_batch(self, session: Session, user: str, online: bool) -> None:
+        pending = self._pending.get(session)
+        if pending is None:
+            pending = self._pending[session] = {}
+        elif pending.get(user, online) != online:
+            # A flip within one interval: send what is pending first, keep both.
+            self._send_batch(session, pending)
+            pending = self._pending[session] = {}
+        pending[user] = online
+        if self._flush_timer is None:
+            delay = self.settings.presence_batch_ms / 1000
+            self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Send every pending batch (one frame per session)."""
+        self._flush_timer = None
+        pending, self._pending = self._pending, {}
+        for session, changes in pending.items():
+            self._send_batch(session, changes)
+
+    @staticmethod
+    def _send_batch(session: Session, changes: dict[str, bool]) -> None:
+        if changes and not session.closing:
+            session.push(batch_frame(changes))
 
     # --- welcome ----------------------------------------------------------------------
     def welcome_online(self, session: Session) -> list[str]:
@@ -89,7 +139,7 @@ class PresenceScope:
 
     # --- watching ---------------------------------------------------------------------
     def set_watch(self, session: Session, users: Iterable[str]) -> None:
-        self.forget(session)
+        self._unwatch(session)
         for user in users:
             self.watch(session, user)
 
@@ -105,6 +155,12 @@ class PresenceScope:
         return True
 
     def forget(self, session: Session) -> None:
+        """The session is gone."""
+        self._unwatch(session)
+        self.batched.discard(session)
+        self._pending.pop(session, None)
+
+    def _unwatch(self, session: Session) -> None:
         for user in self.watching.pop(session, set()):
             watchers = self.watchers.get(user)
             if watchers is not None:
@@ -121,6 +177,13 @@ class PresenceScope:
 
 def presence_frame(user: str, online: bool) -> str:
     return frames.dumps({"type": "presence", "user": user, "online": online})
+
+
+def batch_frame(changes: dict[str, bool]) -> str:
+    """Several users' changes in one frame (sorted, each user once)."""
+    online = sorted(u for u, is_online in changes.items() if is_online)
+    offline = sorted(u for u, is_online in changes.items() if not is_online)
+    return frames.dumps({"type": "presence_batch", "online": online, "offline": offline})
 
 
 def watch_list(value: Any, limit: int, ref: str) -> list[str]:

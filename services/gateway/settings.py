@@ -51,6 +51,9 @@ class GatewaySettings(ClientSettings):
     # their members' presence (clients page them with `members`); the lobby counts the
     # users online as its members.
     presence_room_max: int = Field(default=200, ge=0)
+    # Sockets that opt in at hello (`presence_batch`) get their presence changes gathered
+    # for this long and sent as one frame (gateway/scope.py).
+    presence_batch_ms: int = Field(default=250, gt=0)
     # `welcome.online` names at most this many users (the client itself included).
     welcome_online_max: int = Field(default=500, gt=0)
     # Users one socket may `watch` (besides its rooms' members; DM peers count too).

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import betterproto2
-from chatlib import codec, names
+from chatlib import codec, names, presence_wire
 from chatlib.proto.chat import v1 as pb
 from chatlib.tasks import CriticalTasks
 from nats.aio.client import Client as NATS
@@ -81,7 +81,11 @@ class PresenceService:
             await nc.subscribe(
                 names.PRESENCE_HEARTBEAT_ALL,
                 queue=names.QUEUE_PRESENCE,
-                cb=self._on(pb.Heartbeat, lambda m: handlers.handle_heartbeat(m, store, mirror)),
+                cb=self._on(
+                    pb.Heartbeat,
+                    lambda m: handlers.handle_heartbeat(m, store, mirror),
+                    fast=presence_wire.parse_heartbeat,
+                ),
             ),
         ]
         self.clock.listening_since_ms = now_ms()
@@ -135,14 +139,23 @@ class PresenceService:
 
     # --- Reports ---------------------------------------------------------------------
     def _on(
-        self, cls: type[M], handle: Callable[[M], Awaitable[None]]
+        self,
+        cls: type[M],
+        handle: Callable[[Any], Awaitable[None]],
+        fast: Callable[[bytes], Any] | None = None,
     ) -> Callable[[Msg], Coroutine[Any, Any, None]]:
         """A subscription callback: decode, then handle in its own task so a slow write
-        never holds up the subscription (order does not matter, see handlers)."""
+        never holds up the subscription (order does not matter, see handlers). `fast`: a
+        hand-written reader of the canonical encoding (None: let the codec judge)."""
+        type_name = codec.type_name_of(cls)
 
         async def callback(msg: Msg) -> None:
             try:
-                message = codec.decode_as(cls, msg.data, msg.headers)
+                message = None
+                if fast is not None and (msg.headers or {}).get(names.HEADER_TYPE) == type_name:
+                    message = fast(msg.data)
+                if message is None:
+                    message = codec.decode_as(cls, msg.data, msg.headers)
             except codec.DecodeError as exc:
                 metrics.REJECTED.labels(reason="undecodable").inc()
                 log.warning("undecodable report on %s: %s", msg.subject, exc)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
+from chatlib import presence_wire
 from chatlib.proto.chat import v1 as pb
 from chatlib.validate import is_valid_name
 
@@ -77,7 +78,9 @@ async def handle_closed(message: pb.ConnectionClosed, store: Store) -> None:
     await store.mutate(message.user, lambda s: s.close(message.connection_id, now_ms()))
 
 
-async def handle_heartbeat(message: pb.Heartbeat, store: Store, mirror: Mirror) -> None:
+async def handle_heartbeat(
+    message: pb.Heartbeat | presence_wire.Heartbeat, store: Store, mirror: Mirror
+) -> None:
     """The heartbeat is the truth about one gateway: record that it lives, add what it
     lists and presence lacks, drop what presence has and it no longer lists."""
     gateway = message.gateway_id

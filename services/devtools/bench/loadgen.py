@@ -24,6 +24,7 @@ from devtools.bench import cluster, wsclient
 MESSAGE_MARK = b'"type":"message"'
 ACK_MARK = b'"type":"ack"'
 PRESENCE_MARK = b'"type":"presence"'
+BATCH_MARK = b'"type":"presence_batch"'
 BUCKET = 0.1  # seconds per throughput-timeline bucket
 # How long receivers may take, after the senders stop, to get what was still in flight.
 LATENCY_GRACE = 2.0
@@ -59,6 +60,7 @@ class Client:
         "messages",
         "parse",
         "presence",
+        "presence_changes",
         "spec",
         "welcome_online",
         "welcomed",
@@ -74,7 +76,8 @@ class Client:
         self.latency_sent_at: list[float] = []  # send time of each latency, for a timeline
         self.parse = parse_latency
         self.closes = 0
-        self.presence = 0  # presence frames received
+        self.presence = 0  # presence frames received (presence and presence_batch)
+        self.presence_changes = 0  # users' changes they carried
         self.welcome_online = 0  # names in welcome.online
 
     def on_text(self, data: bytes) -> None:
@@ -93,6 +96,11 @@ class Client:
             _ACKS.add(1)
         elif PRESENCE_MARK in data:
             self.presence += 1
+            self.presence_changes += 1
+        elif BATCH_MARK in data:
+            frame = orjson.loads(data)
+            self.presence += 1
+            self.presence_changes += len(frame["online"]) + len(frame["offline"])
         elif not self.welcomed.done() and b'"welcome"' in data:
             self.welcome_online = len(orjson.loads(data).get("online") or ())
             self.welcomed.set_result(None)
@@ -148,7 +156,14 @@ async def open_clients(
                     if attempt == 4:
                         raise
                     await asyncio.sleep(0.2 * (attempt + 1))
-            hello = {"type": "hello", "v": 1, "token": spec.token, "rooms": spec.rooms}
+            # Like the page: presence changes come batched (one frame per interval).
+            hello = {
+                "type": "hello",
+                "v": 1,
+                "token": spec.token,
+                "rooms": spec.rooms,
+                "presence_batch": True,
+            }
             assert client.conn is not None
             client.conn.send_text(orjson.dumps(hello))
             await asyncio.wait_for(client.welcomed, 60)
@@ -264,6 +279,7 @@ async def _worker(
         "close_codes": sorted({c.conn.close_code for c in clients if c.conn and c.conn.close_code}),
         "sent": sent,
         "presence_frames": sum(c.presence for c in clients),
+        "presence_changes": sum(c.presence_changes for c in clients),
         "welcome_online": [c.welcome_online for c in clients],
         "run_cpu_seconds": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
     }

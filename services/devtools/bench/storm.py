@@ -97,6 +97,7 @@ class StormClient:
         conn = await wsclient.connect(host, port, self.spec.path, self.on_text)
         self.conn = conn
         hello: dict[str, Any] = {"type": "hello", "v": 1, "token": self.spec.token}
+        hello["presence_batch"] = True  # like the page
         hello["rooms"] = self.spec.rooms
         if resume:
             hello["resume_seq"] = self.last_seq

@@ -476,7 +476,11 @@ def _connections_once(
     plans = [Plan("idle", part, params) for part in _split(conns, ctx.workers)]
     rss0 = server.rss() if server else 0
     fleet = Fleet(plans)
-    cpu = _measure_cpu(_system_procs(cluster)) if server else None
+    procs = _system_procs(cluster) if server else []
+    cpu = _measure_cpu(procs) if server else None
+    # CPU seconds per process over connecting plus the presence traffic that followed:
+    # per handshake, a figure much less sensitive to the machine's other load than a rate.
+    cpu0 = cpu_of(procs)
     try:
         fleet.start(timeout=600)
         # The join-time presence traffic is over when no presence frame arrived for 2 s.
@@ -488,6 +492,7 @@ def _connections_once(
                 last, still_since = total, time.monotonic()
             time.sleep(0.1)
         server_cpu = cpu() if cpu else {}
+        cpu1 = cpu_of(procs)
         rss1 = server.rss() if server else 0
         fleet.release()
         results = fleet.finish()
@@ -497,6 +502,8 @@ def _connections_once(
     hs = sorted(x * 1000 for r in results for x in r["handshakes"])
     online = sorted(n for r in results for n in r["welcome_online"])
     presence = sum(r["presence_frames"] for r in results)
+    changes = sum(r.get("presence_changes", 0) for r in results)
+    cpu_ms = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000 / count, 3) for k in cpu1}
     return {
         "connections": count,
         "rss_before": rss0,
@@ -507,6 +514,10 @@ def _connections_once(
         "handshake_p99_ms": percentile(hs, 99),
         "presence_frames": presence,
         "presence_frames_per_join": presence / count,
+        # Users' changes those frames carried (more than frames when batched).
+        "presence_changes_per_join": changes / count,
+        "cpu_ms_per_handshake": cpu_ms,
+        "server_cpu_ms_per_handshake": cpu_ms.get(server.name, 0.0) if server else 0.0,
         "welcome_online_max": online[-1] if online else 0,
         "welcome_online_p50": percentile([float(n) for n in online], 50) if online else 0,
         # Share of one core over connecting plus the presence traffic that followed.
@@ -566,7 +577,18 @@ def connections(ctx: Ctx) -> Run:
             target=f"<< {count} (scoped)",
             passed=gw["presence_frames_per_join"] < count / 10,
         ),
+        Figure(
+            "presence changes per join (carried by those frames)",
+            gw["presence_changes_per_join"],
+            "changes",
+        ),
         Figure("gateway CPU while connecting", gw["server_cpu"] * 100, "% of a core"),
+        Figure(
+            "gateway CPU per handshake (+ the presence traffic after)",
+            gw["server_cpu_ms_per_handshake"],
+            "ms",
+            baseline=base["server_cpu_ms_per_handshake"],
+        ),
     ]
     if plain:
         figs.insert(
@@ -577,5 +599,13 @@ def connections(ctx: Ctx) -> Run:
                 "/s",
                 baseline=plain["handshakes_per_s"],
             ),
+        )
+        figs.append(
+            Figure(
+                "gateway CPU per handshake with presence + rooms vs without",
+                gw["server_cpu_ms_per_handshake"],
+                "ms",
+                baseline=plain["server_cpu_ms_per_handshake"],
+            )
         )
     return Run("connections", figs, {"gateway": gw, "baseline": base, "without_presence": plain})

@@ -496,6 +496,8 @@ function connect() {
     if (state.ws !== ws) return;
     opened = true;
     const hello = { type: "hello", v: PROTOCOL_VERSION, token: state.token, rooms: userstate.helloRooms([...state.rooms]) };
+    // Presence changes in one frame per interval (presence_batch), not one per user.
+    hello.presence_batch = true;
     // Our DM peers' presence is pushed too (rooms' members come with the rooms).
     if (state.dmPeers.size) hello.watch = [...state.dmPeers].slice(0, WATCH_MAX);
     // After a first welcome we know where we are in the log (possibly 0 for an empty one).
@@ -639,6 +641,8 @@ function handleFrame(f) {
       return onHistory(f);
     case "presence":
       return onPresence(f.user, f.online);
+    case "presence_batch":
+      return onPresenceBatch(f);
     case "members":
       return members.onMembers(f);
     case "typing":
@@ -876,11 +880,22 @@ function onHistory(f) {
 }
 
 function onPresence(user, online) {
+  applyPresence(user, online);
+  renderSidebar();
+}
+
+// Several users' changes at once (each user at most once): one sidebar render.
+function onPresenceBatch(f) {
+  for (const user of Array.isArray(f.offline) ? f.offline : []) applyPresence(user, false);
+  for (const user of Array.isArray(f.online) ? f.online : []) applyPresence(user, true);
+  renderSidebar();
+}
+
+function applyPresence(user, online) {
   if (typeof user !== "string") return;
   if (online) state.online.add(user);
   else if (user !== state.user || !state.connected) state.online.delete(user);
   members.onPresence(user, online);
-  renderSidebar();
 }
 
 function onTyping(f) {
