@@ -23,6 +23,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service as MicroService
 
 from presence import handlers, metrics
+from presence.latest import LatestPerKey
 from presence.mirror import Mirror
 from presence.settings import PresenceSettings
 from presence.store import Store, now_ms
@@ -85,6 +86,7 @@ class PresenceService:
                     pb.Heartbeat,
                     lambda m: handlers.handle_heartbeat(m, store, mirror),
                     fast=presence_wire.parse_heartbeat,
+                    one_at_a_time_per=lambda m: m.gateway_id,
                 ),
             ),
         ]
@@ -143,11 +145,15 @@ class PresenceService:
         cls: type[M],
         handle: Callable[[Any], Awaitable[None]],
         fast: Callable[[bytes], Any] | None = None,
+        one_at_a_time_per: Callable[[Any], str] | None = None,
     ) -> Callable[[Msg], Coroutine[Any, Any, None]]:
         """A subscription callback: decode, then handle in its own task so a slow write
         never holds up the subscription (order does not matter, see handlers). `fast`: a
-        hand-written reader of the canonical encoding (None: let the codec judge)."""
+        hand-written reader of the canonical encoding (None: let the codec judge).
+        `one_at_a_time_per`: the key of reports that supersede each other (a gateway's
+        heartbeats): one handled at a time per key, only the newest waiting."""
         type_name = codec.type_name_of(cls)
+        latest = LatestPerKey(handle) if one_at_a_time_per is not None else None
 
         async def callback(msg: Msg) -> None:
             try:
@@ -160,8 +166,16 @@ class PresenceService:
                 metrics.REJECTED.labels(reason="undecodable").inc()
                 log.warning("undecodable report on %s: %s", msg.subject, exc)
                 return
+            work: Awaitable[None]
+            if latest is not None and one_at_a_time_per is not None:
+                key = one_at_a_time_per(message)
+                if not latest.offer(key, message):
+                    return  # the running handler of this key takes it when done
+                work = latest.drain(key, message)
+            else:
+                work = handle(message)
             await self._gate.acquire()
-            task = asyncio.create_task(self._guarded(handle(message)))
+            task = asyncio.create_task(self._guarded(work))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
