@@ -23,6 +23,8 @@ from devtools.bench import cluster, wsclient
 
 MESSAGE_MARK = b'"type":"message"'
 ACK_MARK = b'"type":"ack"'
+# An error answering a send (it names the send in "ref"): that send is over, unacked.
+SEND_ERROR_MARK = b'"type":"error"'
 PRESENCE_MARK = b'"type":"presence"'
 BATCH_MARK = b'"type":"presence_batch"'
 BUCKET = 0.1  # seconds per throughput-timeline bucket
@@ -61,6 +63,7 @@ class Client:
         "parse",
         "presence",
         "presence_changes",
+        "send_errors",
         "spec",
         "welcome_online",
         "welcomed",
@@ -71,6 +74,7 @@ class Client:
         self.conn: wsclient.WsConnection | None = None
         self.messages = 0
         self.acks = 0
+        self.send_errors = 0
         self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.latencies: list[float] = []
         self.latency_sent_at: list[float] = []  # send time of each latency, for a timeline
@@ -94,6 +98,8 @@ class Client:
         elif ACK_MARK in data:
             self.acks += 1
             _ACKS.add(1)
+        elif SEND_ERROR_MARK in data and b'"ref"' in data:
+            self.send_errors += 1
         elif PRESENCE_MARK in data:
             self.presence += 1
             self.presence_changes += 1
@@ -270,6 +276,7 @@ async def _worker(
         "timeline": _TIMELINE.counts,
         "ack_timeline": _ACKS.counts,
         "acks": sum(c.acks for c in clients),
+        "send_errors": sum(c.send_errors for c in clients),
         "received": received,
         "received_by_port": recv_by_port,
         "receivers": len(receivers),
@@ -373,7 +380,9 @@ async def _send_closed_loop(sender: Client, params: dict[str, Any]) -> int:
     assert sender.conn is not None
     try:
         while True:
-            while sent - sender.acks < window:
+            # A send that failed (send_failed after a PubAck timeout) is over too: counting
+            # only acks would shrink the window for good with each failure.
+            while sent - sender.acks - sender.send_errors < window:
                 frame = _send_frame(sender.spec.room, b"t=0")
                 for _ in range(copies):
                     sender.conn.send_text(frame)

@@ -338,6 +338,7 @@ def _durable_once(
     timeline = _merge([r["ack_timeline"] for r in results])
     return {
         "acks": acks,
+        "send_errors": sum(r.get("send_errors", 0) for r in results),
         "acks_per_s": acks / elapsed,
         "timeline": [c / loadgen.BUCKET for c in timeline],
         "loadgen_cpu": _loadgen_cpu(results, elapsed),
@@ -375,8 +376,15 @@ def durable(ctx: Ctx) -> Run:
             gw["acks_per_s"],
             "msg/s",
             baseline=base["acks_per_s"],
-            target=">= 5000/s",
-            passed=gw["acks_per_s"] >= 5000,
+            target=">= 0.5 x bare",
+            passed=gw["acks_per_s"] >= 0.5 * base["acks_per_s"],
+        ),
+        Figure(
+            "durable sends refused (error frames)",
+            gw["send_errors"],
+            "",
+            target="0",
+            passed=gw["send_errors"] == 0,
         ),
     ]
     details: dict[str, Any] = {"gateway": gw, "baseline": base}
