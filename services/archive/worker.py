@@ -146,8 +146,7 @@ class ArchiveWorker:
         part is harmless. Returns (new messages, mentions of members)."""
         rows = [item for item in items if isinstance(item, Row)]
         events = [item for item in items if isinstance(item, EventRow)]
-        new, mentioned = await userstate.write_messages(self.pool, rows)
-        pending = await lifecycle.waiting_for(self.pool, [r.id for r in rows])
+        new, mentioned, pending = await userstate.write_messages(self.pool, rows)
         if events:
             await lifecycle.record(self.pool, events)
         waiting = {*pending, *(e.message_id for e in events)}
