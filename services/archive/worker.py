@@ -32,6 +32,7 @@ from archive.handlers import (
     task_row,
 )
 from archive.lifecycle import EventRow
+from archive.pull import BatchPuller
 from archive.settings import ArchiveSettings
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,13 @@ class ArchiveWorker:
         self,
         nc: NATS,
         js: JetStreamContext,
-        sub: JetStreamContext.PullSubscription,
+        puller: BatchPuller,
         pool: asyncpg.Pool,
         settings: ArchiveSettings,
         on_db_state: Callable[[bool], None],
         on_mentions: Callable[[list[tuple[str, Row]]], Awaitable[None]] | None = None,
     ) -> None:
-        self.nc, self.js, self.sub, self.pool = nc, js, sub, pool
+        self.nc, self.js, self.puller, self.pool = nc, js, puller, pool
         self.settings = settings
         self.on_db_state = on_db_state
         # Called after a commit with the mentions of members the batch holds.
@@ -95,14 +96,7 @@ class ArchiveWorker:
 
     async def fetch(self) -> list[Msg]:
         try:
-            return await self.sub.fetch(
-                self.settings.batch_size, timeout=self.settings.fetch_timeout
-            )
-        except TimeoutError:
-            # nats-py raises its own TimeoutError (a subclass) when the server says the
-            # fetch expired, the plain one when its own deadline comes first (a loaded
-            # machine, NATS going away): both mean nothing to do now, ask again.
-            return []
+            return await self.puller.fetch(self.settings.batch_size, self.settings.fetch_timeout)
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(0.2)
         except Exception:
