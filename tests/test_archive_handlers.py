@@ -138,7 +138,7 @@ def test_both_task_kinds_decode_to_the_same_row() -> None:
     data, headers = codec.encode(pb.ArchiveTask(message=message))
     direct = task_row(names.ARCHIVE_TASKS, data, headers)
     assert from_chat.stream_seq == 42 and direct.stream_seq is None
-    assert from_chat == Row(**{**direct.__dict__, "stream_seq": 42})
+    assert from_chat == direct._replace(stream_seq=42)
 
 
 @pytest.mark.parametrize(
