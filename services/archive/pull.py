@@ -65,22 +65,24 @@ class BatchPuller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if len(self.held) < batch:
-            await self._ask({"batch": batch - len(self.held), "no_wait": True}, deadline)
+            await self._ask(batch - len(self.held), deadline, no_wait=True)
         if not self.held:
             remaining = deadline - loop.time()
             # As nats-py: the request expires just before we stop waiting for it.
             expires = int(remaining * 1e9) - 100_000
             if expires > 0:
-                await self._ask({"batch": batch, "expires": expires}, deadline)
+                await self._ask(batch, deadline, expires=expires)
         msgs, self.held = self.held, []
         return msgs
 
-    async def _ask(self, request: dict[str, object], deadline: float) -> None:
+    async def _ask(self, batch: int, deadline: float, **options: object) -> None:
+        """Send one pull request; wait until it is answered in full, ends, or the deadline."""
         self.request = f"{self.inbox}.{next(self.numbers)}"
-        self.wanted = len(self.held) + int(request["batch"])  # type: ignore[call-overload]
+        self.wanted = len(self.held) + batch
         self.ended.clear()
         self.error = None
-        await self.nc.publish(self.subject, orjson.dumps(request), reply=self.request)
+        payload = orjson.dumps({"batch": batch, **options})
+        await self.nc.publish(self.subject, payload, reply=self.request)
         remaining = deadline - asyncio.get_running_loop().time()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.ended.wait(), max(remaining, 0))
