@@ -9,8 +9,10 @@ import asyncpg
 import pytest
 from archive import handlers, migrations
 from archive.handlers import PoisonTask, Row, dm_history, room_history, task_row, write_rows
+from archive.worker import times_delivered
 from chatlib import codec, ids, names
 from chatlib.proto.chat import v1 as pb
+from nats.aio.msg import Msg
 from nats.micro.request import ServiceError
 
 from tests import archive_fixtures
@@ -88,6 +90,37 @@ async def test_writing_a_batch_twice_adds_no_row(archive_db: asyncpg.Pool) -> No
     assert await archive_db.fetchval("SELECT count(*) FROM messages") == 102
 
 
+async def test_a_stored_row_in_a_transaction_keeps_the_callers_work_and_writes_the_rest(
+    archive_db: asyncpg.Pool,
+) -> None:
+    # The batch is COPYed first; a stored row makes the COPY fail on the primary key, and
+    # the rows go in again with ON CONFLICT. Inside the caller's transaction (user state is
+    # written with the messages) that failure must not undo what the caller wrote before.
+    stored = room_row("dev", "stored")
+    await write_rows(archive_db, [stored])
+    fresh = [room_row("dev", f"fresh-{i}") for i in range(3)]
+    async with archive_db.acquire() as conn, conn.transaction():
+        await conn.execute("INSERT INTO rooms (name, created_at_ms) VALUES ('dev', 1)")
+        assert await handlers.write_rows_pending(conn, [*fresh, stored]) == (3, [])
+    assert await archive_db.fetchval("SELECT count(*) FROM messages") == 4
+    assert await archive_db.fetchval("SELECT count(*) FROM rooms") == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.ARCHIVE.archive-writer.1.17.17.1700000000123456789.0",
+        "$JS.ACK.ARCHIVE.archive-writer.3.5.9.1700000000123456789.42",
+        # The newer form (domain, account hash, random token) goes to nats-py.
+        "$JS.ACK.hub.ACCHASH.ARCHIVE.archive-writer.2.5.9.1700000000123456789.42.tok",
+        "$JS.ACK._.ACCHASH.ARCHIVE.archive-writer.4.5.9.1700000000123456789.0",
+    ],
+)
+def test_the_delivery_count_is_read_as_nats_py_reads_it(reply: str) -> None:
+    msg = Msg(_client=None, subject="archive.tasks", reply=reply)  # type: ignore[arg-type]
+    assert times_delivered(msg) == Msg.Metadata._from_reply(reply).num_delivered
+
+
 async def test_a_dm_is_stored_once_under_its_sorted_pair(archive_db: asyncpg.Pool) -> None:
     await write_rows(archive_db, [dm_row("zoe", "adam", "hi")])
     record = await archive_db.fetchrow("SELECT room, dm_lo, dm_hi, sender FROM messages")
@@ -105,7 +138,7 @@ def test_both_task_kinds_decode_to_the_same_row() -> None:
     data, headers = codec.encode(pb.ArchiveTask(message=message))
     direct = task_row(names.ARCHIVE_TASKS, data, headers)
     assert from_chat.stream_seq == 42 and direct.stream_seq is None
-    assert from_chat == Row(**{**direct.__dict__, "stream_seq": 42})
+    assert from_chat == direct._replace(stream_seq=42)
 
 
 @pytest.mark.parametrize(

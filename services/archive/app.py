@@ -4,7 +4,6 @@ consumer and its worker, the history micro service, health and metrics."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import asyncpg
 import nats.micro
 import orjson
-from chatlib import codec, names
+from chatlib import codec, names, nats_headers
 from chatlib.proto.chat import v1 as pb
 from chatlib.tasks import CriticalTasks
 from nats.aio.client import Client as NATS
@@ -23,6 +22,7 @@ from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service as MicroService
 
 from archive import handlers, lifecycle, metrics, migrations
+from archive.pull import BatchPuller
 from archive.settings import ArchiveSettings
 from archive.userstate_service import UserStateService
 from archive.worker import ArchiveWorker, backoff
@@ -60,6 +60,8 @@ class ArchiveService:
 
     async def start(self, nc: NATS, js: JetStreamContext) -> None:
         self.nc, self.js = nc, js
+        # Every task's headers are parsed on arrival: at C speed rather than nats-py's.
+        nats_headers.use_on(nc)
         # The history service answers from the start (503 until the database is ready),
         # so `nats micro ls` shows every replica even while Postgres is still coming up.
         self.micro = await nats.micro.add_service(
@@ -126,8 +128,7 @@ class ArchiveService:
         # The pull subscription may hold a late reply to its last fetch that nobody will
         # read; NATS's drain would wait on it for the whole drain timeout.
         if self.worker is not None:
-            with contextlib.suppress(Exception):
-                await self.worker.sub.unsubscribe()
+            await self.worker.puller.stop()
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -141,12 +142,12 @@ class ArchiveService:
     async def _consume(self) -> None:
         assert self.nc is not None and self.js is not None
         self.pool = await self._open_database()
-        sub = await self._bind_consumer(self.js)
+        puller = await self._bind_consumer(self.js)
         assert self.userstate is not None
         self.worker = ArchiveWorker(
             self.nc,
             self.js,
-            sub,
+            puller,
             self.pool,
             self.settings,
             self._set_db_state,
@@ -194,7 +195,7 @@ class ArchiveService:
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def _bind_consumer(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+    async def _bind_consumer(self, js: JetStreamContext) -> BatchPuller:
         """Create (or update to the current settings) the durable consumer every replica
         shares, then bind to it. Creating it is idempotent, so replicas may race."""
         config = api.ConsumerConfig(
@@ -212,9 +213,10 @@ class ArchiveService:
         while True:
             try:
                 await js.add_consumer(names.STREAM_ARCHIVE, config)
-                return await js.pull_subscribe_bind(
-                    durable=names.CONSUMER_ARCHIVE, stream=names.STREAM_ARCHIVE
-                )
+                assert self.nc is not None
+                puller = BatchPuller(self.nc, names.STREAM_ARCHIVE, names.CONSUMER_ARCHIVE)
+                await puller.start()
+                return puller
             except Exception as exc:  # NATS reconnecting, JetStream not ready yet
                 delay = backoff(attempt, base=0.2)
                 log.warning("cannot bind consumer (%s); retrying in %.2fs", exc, delay)

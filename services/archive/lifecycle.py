@@ -134,18 +134,6 @@ async def record(db: asyncpg.Pool | asyncpg.Connection, events: Sequence[EventRo
     )
 
 
-async def waiting_for(db: asyncpg.Pool, message_ids: list[str]) -> list[str]:
-    """Which of these messages have events waiting for them (an edit can arrive first)."""
-    if not message_ids:
-        return []
-    rows = await db.fetch(
-        "SELECT DISTINCT message_id FROM message_events WHERE NOT applied"
-        " AND message_id = ANY($1::text[])",
-        message_ids,
-    )
-    return [r["message_id"] for r in rows]
-
-
 async def apply_pending(
     pool: asyncpg.Pool, message_ids: Iterable[str], edit_window_ms: int
 ) -> list[int]:

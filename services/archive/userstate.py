@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -20,7 +21,7 @@ from chatlib import mentions, names, validate
 from chatlib.proto.chat import v1 as pb
 from chatlib.userstate_wire import State, Thread
 
-from archive.handlers import PoisonTask, Row, bad_request, write_rows
+from archive.handlers import PoisonTask, Row, bad_request, write_rows_pending
 
 # Counts stop at this many: "99+" (the cap itself means "cap or more").
 DEFAULT_CAP = 100
@@ -176,17 +177,22 @@ def extras_of(rows: Iterable[Row]) -> Extras:
     return extras
 
 
-async def write_messages(
-    db: asyncpg.Pool, rows: Sequence[Row]
-) -> tuple[int, list[tuple[str, Row]]]:
-    """Insert the rows (handlers.write_rows) and, in the same transaction, what they add
-    to user state; returns (new rows, mentions of members)."""
+class Written(NamedTuple):
+    new: int  # rows not stored before
+    mentioned: list[tuple[str, Row]]  # mentions of members
+    pending: list[str]  # ids among the rows with lifecycle events waiting for them
+
+
+async def write_messages(db: asyncpg.Pool, rows: Sequence[Row]) -> Written:
+    """Insert the rows (handlers.write_rows_pending) and, in the same transaction, what
+    they add to user state."""
     extras = extras_of(rows)
     if not extras:
-        return await write_rows(db, rows), []
+        new, pending = await write_rows_pending(db, rows)
+        return Written(new, [], pending)
     async with db.acquire() as conn, conn.transaction():
-        new = await write_rows(conn, rows)
-        return new, await write_extras(conn, extras)
+        new, pending = await write_rows_pending(conn, rows)
+        return Written(new, await write_extras(conn, extras), pending)
 
 
 async def write_extras(conn: Db, extras: Extras) -> list[tuple[str, Row]]:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import nats
 import orjson
+import psutil
 from chatlib import codec, ids, names
 from chatlib.proto.chat import v1 as pb
 
 from devtools.bench import wsclient
-from devtools.bench.cluster import Cluster, Missing, service_exists
+from devtools.bench.cluster import Cluster, Missing, Proc, nats_proc, service_exists
 from devtools.bench.report import Figure, Run, percentile
 from devtools.bench.ws_scenarios import Ctx
 
@@ -84,12 +86,16 @@ async def _count(db_url: str, table: str = "messages") -> int:
 
 
 async def _poll_count(
-    db_url: str, target: int, timeout: float
-) -> tuple[list[tuple[float, int]], float, float]:
+    db_url: str, target: int, timeout: float, cpu: Callable[[], dict[str, float]] | None = None
+) -> tuple[list[tuple[float, int]], float, float, dict[str, float]]:
+    """The row count over time, when the first row came and when the target was reached,
+    and (with `cpu`) the CPU seconds each process spent between those two moments."""
     conn = await asyncpg.connect(db_url)
     series: list[tuple[float, int]] = []
     t0 = time.monotonic()
     first = done = 0.0
+    cpu_first: dict[str, float] = {}
+    spent: dict[str, float] = {}
     try:
         while time.monotonic() - t0 < timeout:
             n = int(await conn.fetchval("SELECT count(*) FROM messages"))
@@ -97,13 +103,16 @@ async def _poll_count(
             series.append((round(now, 2), n))
             if n and not first:
                 first = now
+                cpu_first = cpu() if cpu else {}
             if n >= target:
                 done = now
+                if cpu:
+                    spent = {k: v - cpu_first.get(k, 0.0) for k, v in cpu().items()}
                 break
             await asyncio.sleep(0.1)
     finally:
         await conn.close()
-    return series, first, done
+    return series, first, done, spent
 
 
 async def _copy_baseline(db_url: str, rows: list[tuple[Any, ...]]) -> float:
@@ -120,6 +129,30 @@ async def _copy_baseline(db_url: str, rows: list[tuple[Any, ...]]) -> float:
         await conn.close()
 
 
+def _postgres_procs(c: Cluster) -> list[Proc]:
+    if c.pg is None or c.pg.proc is None:
+        return []
+    return [Proc("postgres", c.pg.proc.pid, c.pg.port)]
+
+
+def _cpu_tree(procs: list[Proc]) -> dict[str, float]:
+    """CPU seconds of each process with its live children (Postgres backends)."""
+    out: dict[str, float] = {}
+    for p in procs:
+        total = 0.0
+        try:
+            for one in [p.ps, *p.ps.children(recursive=True)]:
+                try:
+                    t = one.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    continue
+        except psutil.Error:
+            pass
+        out[p.name] = total
+    return out
+
+
 def archive(ctx: Ctx) -> Run:
     _need("archive")
     count = ctx.scaled(100_000, 10_000)
@@ -133,15 +166,22 @@ def archive(ctx: Ctx) -> Run:
         asyncio.run(_publish_tasks(c.start_nats(), count))
         publish_s = time.monotonic() - t0
         started = time.monotonic()
-        c.archive(wait=False)
-        c.archive(wait=False)
-        series, first, done = asyncio.run(_poll_count(db, count, ctx.scaled(120, 60)))
+        replicas = [c.archive(wait=False)[1], c.archive(wait=False)[1]]
+        watched = [*replicas, *_postgres_procs(c)]
+        nats_server = nats_proc(c)
+        if nats_server is not None:
+            watched.append(nats_server)
+        series, first, done, spent = asyncio.run(
+            _poll_count(db, count, ctx.scaled(120, 60), lambda: _cpu_tree(watched))
+        )
         time.sleep(1)  # a duplicate row would show up right after the count reached the target
         final = asyncio.run(_count(db))
         spawn_to_first = first
         rate = count / (done - first) if done and done > first else 0.0
         base_rate = asyncio.run(_copy_baseline(db, _rows(count, 50, int(time.time() * 1000))))
     del started
+    drain_s = done - first if done else 0.0
+    archive_cpu = sum(spent.get(p.name, 0.0) for p in replicas)
     figs = [
         Figure(
             f"archive drain rows/s ({count:,} tasks, 2 replicas)",
@@ -165,6 +205,11 @@ def archive(ctx: Ctx) -> Run:
         "publish_seconds": round(publish_s, 2),
         "seconds_to_first_row": round(spawn_to_first, 2),
         "drain_seconds": round(done - first, 2) if done else None,
+        # CPU seconds from the first row to the last, per process (Postgres: postmaster
+        # and its children alive at the end, i.e. the archive's pool backends).
+        "server_cpu": {k: round(v, 2) for k, v in spent.items()},
+        "archive_cpu_us_per_row": round(archive_cpu / count * 1e6, 1) if done else None,
+        "archive_cores_busy": round(archive_cpu / drain_s, 2) if drain_s else None,
         "baseline": "COPY of the same number of rows into a copy of the table (Postgres ceiling)",
     }
     return Run("archive", figs, details)
