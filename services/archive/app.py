@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import nats.micro
 import orjson
-from chatlib import codec, names, nats_headers
+from chatlib import codec, names
 from chatlib.proto.chat import v1 as pb
 from chatlib.tasks import CriticalTasks
 from nats.aio.client import Client as NATS
@@ -60,8 +60,6 @@ class ArchiveService:
 
     async def start(self, nc: NATS, js: JetStreamContext) -> None:
         self.nc, self.js = nc, js
-        # Every task's headers are parsed on arrival: at C speed rather than nats-py's.
-        nats_headers.use_on(nc)
         # The history service answers from the start (503 until the database is ready),
         # so `nats micro ls` shows every replica even while Postgres is still coming up.
         self.micro = await nats.micro.add_service(
