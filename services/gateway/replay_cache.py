@@ -127,13 +127,17 @@ class SharedReplay:
         room_logs = [await self._covering(names.room_subject(r), after + 1, upto) for r in rooms]
         dms = await self._covering(DM_FILTER, after + 1, upto)
         complete = after + 1 >= await self._first_seq.get()
+        # Up to `upto` only: a message after it was published after the client's live
+        # subscriptions were in place, so it reaches the socket live. A log read from the
+        # stream may already hold it before the hub has handed it on; replaying it too
+        # would send it twice (once here, once live after the replay).
         found: dict[int, MessageFrames] = {}
         for entry in room_logs:
             for seq, (_, msg) in entry.msgs.items():
-                if seq > after:
+                if after < seq <= upto:
                     found[seq] = msg
         for seq, (subject, msg) in dms.msgs.items():
-            if seq > after and user in subject.split(".")[2:]:
+            if after < seq <= upto and user in subject.split(".")[2:]:
                 found[seq] = msg
         # Content deleted within the range is not replayed (message_events.honour_deletes).
         kept = message_events.honour_deletes({seq: f.msg for seq, f in found.items()})
