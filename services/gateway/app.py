@@ -39,6 +39,7 @@ from gateway.roster import Roster
 from gateway.scope import PresenceScope, watch_list
 from gateway.session import Session
 from gateway.settings import GatewaySettings
+from gateway.wsprotocol import SlimWebSocketProtocol
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,10 @@ class Gateway:
             log.info("websocket refused", extra={"origin": headers.get("origin")})
             await send({"type": "websocket.close", "code": frames.CLOSE_POLICY})
             return
+        # Nothing reads the handshake headers past this point, and an open socket should
+        # not keep them (~1 KiB each; issue 18: memory per idle connection).
+        scope["headers"] = []
+        del headers
         if self.admission.full():
             # Before the upgrade: the client learns when to come back without costing a
             # socket here (HTTP 503 + Retry-After, honoured by our clients' backoff).
@@ -224,7 +229,11 @@ class Gateway:
         self.sessions.add(session)
         reauth.schedule_expiry(session, identity.expires_at)
         try:
-            await self._run_session(session, hello, receive, ticket)
+            await self._run_session(session, hello, ticket)
+            # The socket may stay open for hours: its frames should not keep the hello
+            # (token, rooms) alive meanwhile (issue 18).
+            del hello, raw
+            await self._receive_frames(session, receive)
         finally:
             reauth.cancel_expiry(session)
             self.sessions.discard(session)
@@ -249,9 +258,7 @@ class Gateway:
             log.warning("cannot check guest name %s: %s", identity.user, exc)
             raise AuthError("guest names are unavailable right now; try again") from exc
 
-    async def _run_session(
-        self, session: Session, hello: dict[str, Any], receive: Receive, ticket: Ticket
-    ) -> None:
+    async def _run_session(self, session: Session, hello: dict[str, Any], ticket: Ticket) -> None:
         metrics.CONNECTIONS.inc()
         deps = self.deps()
         rooms, problems = _hello_rooms(hello)
@@ -319,6 +326,10 @@ class Gateway:
         if self.presence is not None:
             self.presence.opened(session.id, session.user)
 
+    async def _receive_frames(self, session: Session, receive: Receive) -> None:
+        """Act on the client's frames until it goes away (in its own frame: an idle socket
+        keeps only this, not what the welcome was built from)."""
+        deps = self.deps()
         while True:
             raw = await _receive_frame(receive)
             if raw is None:
@@ -533,7 +544,7 @@ async def serve(settings: GatewaySettings) -> None:
         build_app(gateway),
         host=settings.http_host,
         port=settings.http_port,
-        ws="websockets-sansio",
+        ws=SlimWebSocketProtocol,  # uvicorn's websockets-sansio, slimmed per socket
         ws_max_size=settings.hard_frame_bytes or 2 * settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
         access_log=False,  # tokens never go in URLs, but keep request logs out anyway
