@@ -85,6 +85,9 @@ async def test_an_idle_socket_keeps_no_dict_handshake_or_buffers() -> None:
         # (add it to PROTOCOL_ATTRIBUTES).
         assert vars(protocol) == {}, f"unslotted attributes: {sorted(vars(protocol))}"
         assert protocol.request is None and protocol.response is None
+        # websockets' parser keeps the parsed request; its headers are emptied.
+        request = protocol.conn.parser.gi_frame.f_locals.get("request")
+        assert request is None or len(request.headers) == 0
         assert isinstance(protocol.queue, Inbox) and protocol.queue.empty()
         assert protocol.queue._items is None and protocol.queue._waiter is not None
         assert protocol.writable.is_set() and protocol.writable._waiters is None
