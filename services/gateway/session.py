@@ -163,7 +163,8 @@ class Session:
         # The token (see gateway.reauth): when it expires, and the guest name reservation
         # it is bound to ("" unless guest mode). `auth` frames move expires_at on.
         self.expires_at = 0.0
-        self.expiry: asyncio.TimerHandle | None = None
+        # The second its expiry timer is filed under (gateway.reauth); None: none.
+        self.expiry: int | None = None
         self.holder = ""
 
     # --- outgoing -----------------------------------------------------------------------
