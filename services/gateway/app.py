@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -331,9 +331,15 @@ class Gateway:
         keeps only this, not what the welcome was built from)."""
         deps = self.deps()
         while True:
-            raw = await _receive_frame(receive)
-            if raw is None:
+            # receive() directly, not _receive_frame: one coroutine frame less held by
+            # every idle socket (issue 18).
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
                 return
+            if event["type"] != "websocket.receive":
+                continue
+            text = event.get("text")
+            raw = text if text is not None else (event.get("bytes") or b"")
             if session.closing:
                 continue  # being closed (slow, abusive, shutdown): act on nothing more
             close_code = await handlers.handle_raw(raw, session, deps)
@@ -483,12 +489,16 @@ def build_app(gateway: Gateway) -> Any:
 
     csp = content_security_policy(settings.oidc_issuer if settings.auth_mode == "oidc" else "")
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    def app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # The chat socket bypasses the framework: it needs uvicorn's own send (to cut a
-        # stuck connection) and nothing of routing.
+        # stuck connection) and nothing of routing. Returned, not awaited here: an open
+        # socket then holds no coroutine frame of this dispatch (issue 18).
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
-            await gateway.websocket(scope, receive, send)
-        elif scope["type"] == "http":
+            return gateway.websocket(scope, receive, send)
+        return framework(scope, receive, send)
+
+    async def framework(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
             forwarded = Headers(scope=scope).get("x-forwarded-proto", "")
             https = scope.get("scheme") == "https" or forwarded == "https"
             extra = security_headers(csp, https, settings.hsts_max_age)
@@ -544,6 +554,7 @@ async def serve(settings: GatewaySettings) -> None:
         build_app(gateway),
         host=settings.http_host,
         port=settings.http_port,
+        interface="asgi3",  # `app` returns its coroutine (not detectable as ASGI 3)
         ws=SlimWebSocketProtocol,  # uvicorn's websockets-sansio, slimmed per socket
         ws_max_size=settings.hard_frame_bytes or 2 * settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
