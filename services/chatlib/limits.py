@@ -9,6 +9,8 @@ from collections import deque
 class TokenBucket:
     """`rate` tokens per second, up to `burst`; each counted frame takes one."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")  # two per socket: no dict each
+
     def __init__(self, rate: float, burst: int, now: float | None = None) -> None:
         self.rate, self.burst = rate, float(burst)
         self.tokens = float(burst)
@@ -27,13 +29,19 @@ class TokenBucket:
 class AbuseGuard:
     """More than `limit` violations within `window` seconds makes a client abusive."""
 
+    # One per socket, and most sockets never misbehave: the deque (~760 B even when
+    # empty) is made at the first violation.
+    __slots__ = ("limit", "times", "window")
+
     def __init__(self, limit: int, window: float) -> None:
         self.limit, self.window = limit, window
-        self.times: deque[float] = deque()
+        self.times: deque[float] | None = None
 
     def violation(self, now: float | None = None) -> bool:
         """Record one; True when the client is now abusive."""
         now = time.monotonic() if now is None else now
+        if self.times is None:
+            self.times = deque()
         self.times.append(now)
         while self.times and self.times[0] < now - self.window:
             self.times.popleft()

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from gateway.roster import Roster
 from gateway.scope import PresenceScope, watch_list
 from gateway.session import Session
 from gateway.settings import GatewaySettings
+from gateway.wsprotocol import SlimWebSocketProtocol
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,10 @@ class Gateway:
             log.info("websocket refused", extra={"origin": headers.get("origin")})
             await send({"type": "websocket.close", "code": frames.CLOSE_POLICY})
             return
+        # Nothing reads the handshake headers past this point, and an open socket should
+        # not keep them (~1 KiB each; issue 18: memory per idle connection).
+        scope["headers"] = []
+        del headers
         if self.admission.full():
             # Before the upgrade: the client learns when to come back without costing a
             # socket here (HTTP 503 + Retry-After, honoured by our clients' backoff).
@@ -238,7 +243,11 @@ class Gateway:
         self.sessions.add(session)
         reauth.schedule_expiry(session, identity.expires_at)
         try:
-            await self._run_session(session, hello, receive, ticket)
+            await self._run_session(session, hello, ticket)
+            # The socket may stay open for hours: its frames should not keep the hello
+            # (token, rooms) alive meanwhile (issue 18).
+            del hello, raw
+            await self._receive_frames(session, receive)
         finally:
             reauth.cancel_expiry(session)
             self.sessions.discard(session)
@@ -263,9 +272,7 @@ class Gateway:
             log.warning("cannot check guest name %s: %s", identity.user, exc)
             raise AuthError("guest names are unavailable right now; try again") from exc
 
-    async def _run_session(
-        self, session: Session, hello: dict[str, Any], receive: Receive, ticket: Ticket
-    ) -> None:
+    async def _run_session(self, session: Session, hello: dict[str, Any], ticket: Ticket) -> None:
         metrics.CONNECTIONS.inc()
         deps = self.deps()
         rooms, problems = _hello_rooms(hello)
@@ -339,10 +346,20 @@ class Gateway:
         if self.presence is not None:
             self.presence.opened(session.id, session.user)
 
+    async def _receive_frames(self, session: Session, receive: Receive) -> None:
+        """Act on the client's frames until it goes away (in its own frame: an idle socket
+        keeps only this, not what the welcome was built from)."""
+        deps = self.deps()
         while True:
-            raw = await _receive_frame(receive)
-            if raw is None:
+            # receive() directly, not _receive_frame: one coroutine frame less held by
+            # every idle socket (issue 18).
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
                 return
+            if event["type"] != "websocket.receive":
+                continue
+            text = event.get("text")
+            raw = text if text is not None else (event.get("bytes") or b"")
             if session.closing:
                 continue  # being closed (slow, abusive, shutdown): act on nothing more
             close_code = await handlers.handle_raw(raw, session, deps)
@@ -492,12 +509,16 @@ def build_app(gateway: Gateway) -> Any:
 
     csp = content_security_policy(settings.oidc_issuer if settings.auth_mode == "oidc" else "")
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    def app(scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # The chat socket bypasses the framework: it needs uvicorn's own send (to cut a
-        # stuck connection) and nothing of routing.
+        # stuck connection) and nothing of routing. Returned, not awaited here: an open
+        # socket then holds no coroutine frame of this dispatch (issue 18).
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
-            await gateway.websocket(scope, receive, send)
-        elif scope["type"] == "http":
+            return gateway.websocket(scope, receive, send)
+        return framework(scope, receive, send)
+
+    async def framework(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
             forwarded = Headers(scope=scope).get("x-forwarded-proto", "")
             https = scope.get("scheme") == "https" or forwarded == "https"
             extra = security_headers(csp, https, settings.hsts_max_age)
@@ -553,7 +574,8 @@ async def serve(settings: GatewaySettings) -> None:
         build_app(gateway),
         host=settings.http_host,
         port=settings.http_port,
-        ws="websockets-sansio",
+        interface="asgi3",  # `app` returns its coroutine (not detectable as ASGI 3)
+        ws=SlimWebSocketProtocol,  # uvicorn's websockets-sansio, slimmed per socket
         ws_max_size=settings.hard_frame_bytes or 2 * settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
         access_log=False,  # tokens never go in URLs, but keep request logs out anyway

@@ -10,6 +10,7 @@ them this way, so the socket (and the messages flowing on it) never stops.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -35,23 +36,48 @@ async def is_operator(auth: Authenticator, token: object, role: str) -> bool:
     return auth.has_role(token, role)
 
 
+# Sessions whose tokens expire in the same second share one timer (a timer per socket
+# cost ~0.5 KiB of an idle socket's memory, issue 18). JWT `exp` is in whole seconds, so
+# rounding up to the second closes no socket late.
+_buckets: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle, set[Session]]] = {}
+
+
 def schedule_expiry(session: Session, expires_at: float) -> None:
     """Close the socket with 4401 when its token expires (replaces an earlier schedule)."""
     cancel_expiry(session)
     session.expires_at = expires_at
     loop = asyncio.get_running_loop()
-    delay = max(0.0, expires_at - time.time())
-    session.expiry = loop.call_at(loop.time() + delay, _expire, session)
+    second = math.ceil(expires_at)
+    bucket = _buckets.get(second)
+    if bucket is None or bucket[0] is not loop:
+        members: set[Session] = set()
+        delay = max(0.0, second - time.time())
+        handle = loop.call_at(loop.time() + delay, _expire_bucket, second, members)
+        bucket = _buckets[second] = (loop, handle, members)
+    bucket[2].add(session)
+    session.expiry = second
 
 
 def cancel_expiry(session: Session) -> None:
-    if session.expiry is not None:
-        session.expiry.cancel()
+    second, session.expiry = session.expiry, None
+    bucket = _buckets.get(second) if second is not None else None
+    if bucket is not None and session in bucket[2]:
+        bucket[2].discard(session)
+        if not bucket[2]:
+            bucket[1].cancel()
+            del _buckets[second]  # type: ignore[arg-type]
+
+
+def _expire_bucket(second: int, members: set[Session]) -> None:
+    bucket = _buckets.get(second)
+    if bucket is not None and bucket[2] is members:
+        del _buckets[second]
+    for session in list(members):
         session.expiry = None
+        _expire(session)
 
 
 def _expire(session: Session) -> None:
-    session.expiry = None
     if session.closing:
         return
     message = "token expired: send an auth frame with a fresh token before it does"

@@ -158,11 +158,13 @@ class Session:
         self.closing = False
         self.close_code: int | None = None
         self._closer: asyncio.Task[None] | None = None
-        self.sends: set[asyncio.Task[None]] = set()
+        # Durable sends in flight; made at the first send (an idle socket keeps no set).
+        self.sends: set[asyncio.Task[None]] | None = None
         # The token (see gateway.reauth): when it expires, and the guest name reservation
         # it is bound to ("" unless guest mode). `auth` frames move expires_at on.
         self.expires_at = 0.0
-        self.expiry: asyncio.TimerHandle | None = None
+        # The second its expiry timer is filed under (gateway.reauth); None: none.
+        self.expiry: int | None = None
         self.holder = ""
 
     # --- outgoing -----------------------------------------------------------------------
@@ -247,11 +249,14 @@ class Session:
     # --- durable sends in flight ----------------------------------------------------------
     async def start_send(self, work: Coroutine[Any, Any, None]) -> None:
         """Run a send concurrently with the next frames; waits while too many are in flight."""
-        while len(self.sends) >= MAX_SENDS_IN_FLIGHT:
-            await asyncio.wait(self.sends, return_when=asyncio.FIRST_COMPLETED)
+        if self.sends is None:
+            self.sends = set()
+        sends = self.sends
+        while len(sends) >= MAX_SENDS_IN_FLIGHT:
+            await asyncio.wait(sends, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(work)
-        self.sends.add(task)
-        task.add_done_callback(self.sends.discard)
+        sends.add(task)
+        task.add_done_callback(sends.discard)
 
     async def settle_sends(self) -> None:
         if self.sends:
