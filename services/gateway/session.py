@@ -116,6 +116,8 @@ class Session:
         "_limit",
         "_out",
         "_protocol",
+        "_replayed_ahead",
+        "_replayed_max",
         "_send",
         "_writer",
         "abuse",
@@ -155,6 +157,11 @@ class Session:
         # While hello is being answered (welcome, recovery replay), live messages wait
         # here as (seq, frame) so that they go out after the replay, without duplicates.
         self.live_buffer: list[tuple[int, str]] | None = []
+        # Replayed messages the hub had not handed on yet (a room's log is read from the
+        # stream, which can be ahead of the live subscription): their live copy is
+        # dropped. None once the live messages are past them all (_replayed_max).
+        self._replayed_ahead: set[int] | None = None
+        self._replayed_max = 0
         self.closing = False
         self.close_code: int | None = None
         self._closer: asyncio.Task[None] | None = None
@@ -212,8 +219,17 @@ class Session:
     def deliver_live(self, seq: int, frame: str) -> None:
         if self.live_buffer is not None:
             self.live_buffer.append((seq, frame))
-        else:
-            self.push(frame)
+            return
+        ahead = self._replayed_ahead
+        if ahead is not None:
+            if seq in ahead:
+                ahead.discard(seq)  # sent in the replay already
+                if not ahead:
+                    self._replayed_ahead = None
+                return
+            if seq > self._replayed_max:
+                self._replayed_ahead = None  # live is past the replay: none can repeat
+        self.push(frame)
 
     def end_buffering(self, after_seq: int, replay: list[tuple[int, str]] | None = None) -> None:
         """Flush live messages held during hello after `after_seq`. With a `replay`
@@ -222,10 +238,15 @@ class Session:
         buffered, self.live_buffer = self.live_buffer or [], None
         if replay is not None:
             replayed = {seq for seq, _ in replay}
+            came_live = {s for s, _ in buffered}
             buffered = sorted(
                 [*replay, *((s, f) for s, f in buffered if s > after_seq and s not in replayed)]
             )
             after_seq = -1
+            # Replayed but not (yet) live: if the hub still hands them on, drop them then.
+            ahead = replayed - came_live
+            if ahead:
+                self._replayed_ahead, self._replayed_max = ahead, max(ahead)
         for seq, frame in buffered:
             if seq > after_seq:
                 self.push(frame)
