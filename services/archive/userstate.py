@@ -405,6 +405,12 @@ async def user_state(
                     last_ts_ms=d["last_ts_ms"],
                 )
             )
+        # A DM read past the watermark, in a thread with nothing unread stored: the
+        # gateway counts the unarchived tail against this marker, so it must know it.
+        listed = {t.dm_peer for t in threads if t.dm_peer}
+        for peer in peers:
+            if peer not in listed and dm_marks[peer] > through:
+                threads.append(Thread(dm_peer=peer, read_seq=dm_marks[peer]))
         threads = await _with_read_ids(conn, threads, tail)
     return State(
         rooms=sorted(rooms),

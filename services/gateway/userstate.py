@@ -322,7 +322,11 @@ async def welcome_unread(
             entry["unread"] = min(UNREAD_CAP, entry["unread"] + 1)
             if msg.room and user in mentions.mentioned(msg.content):
                 entry["mentions"] = min(UNREAD_CAP, entry["mentions"] + 1)
-    return list(counts.values())
+    # DM threads are listed while something in them is unread (as the archive lists
+    # them); one it named only for its marker (read past the watermark) is not.
+    return [
+        e for e in counts.values() if "room" in e or e["unread"] or e["last_seq"] > e["read_seq"]
+    ]
 
 
 async def _read_tail(
