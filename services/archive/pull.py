@@ -30,6 +30,8 @@ HEARTBEAT = "100"
 # The statuses that only end a request (nothing there, request expired, or a 409 such as
 # too many waiting requests or a leader change): ask again later. Anything else is an error.
 REQUEST_ENDED = {"404", "408", "409"}
+# How long a waiting fetch gathers more messages after the first one arrived.
+SETTLE = 0.02
 
 
 class PullError(Exception):
@@ -48,6 +50,8 @@ class BatchPuller:
         self.wanted = 0
         self.ended = asyncio.Event()
         self.error: str | None = None
+        self.settle: float | None = None  # see fetch
+        self.settle_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self.sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_reply)
@@ -71,14 +75,25 @@ class BatchPuller:
             # As nats-py: the request expires just before we stop waiting for it.
             expires = int(remaining * 1e9) - 100_000
             if expires > 0:
-                await self._ask(batch, deadline, expires=expires)
+                # Unlike nats-py, stop waiting SETTLE after the first message instead of
+                # at the deadline: a quiet system's messages reach history within
+                # milliseconds, not a fetch timeout later. The rest of the request's
+                # messages are late replies, kept for the next fetch.
+                await self._ask(batch, deadline, settle=SETTLE, expires=expires)
         msgs, self.held = self.held, []
         return msgs
 
-    async def _ask(self, batch: int, deadline: float, **options: object) -> None:
-        """Send one pull request; wait until it is answered in full, ends, or the deadline."""
+    async def _ask(
+        self, batch: int, deadline: float, settle: float | None = None, **options: object
+    ) -> None:
+        """Send one pull request; wait until it is answered in full, ends, the deadline,
+        or (with `settle`) that long after its first message."""
         self.request = f"{self.inbox}.{next(self.numbers)}"
         self.wanted = len(self.held) + batch
+        self.settle = settle
+        if self.settle_timer is not None:
+            self.settle_timer.cancel()  # it belonged to an earlier request
+            self.settle_timer = None
         self.ended.clear()
         self.error = None
         payload = orjson.dumps({"batch": batch, **options})
@@ -96,6 +111,9 @@ class BatchPuller:
             self.held.append(msg)
             if len(self.held) >= self.wanted:
                 self.ended.set()
+            elif self.settle is not None and len(self.held) == 1:
+                loop = asyncio.get_running_loop()
+                self.settle_timer = loop.call_later(self.settle, self.ended.set)
         elif status == HEARTBEAT or msg.subject != self.request:
             return  # a heartbeat, or the end of a request nobody waits for any more
         else:
