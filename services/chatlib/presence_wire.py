@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from chatlib.wire import _read_varint, _string, _varint
+from chatlib.wire import _read_text, _read_varint, _string, _varint
 
 _GATEWAY_KEY = b"\x0a"  # Heartbeat.gateway_id (field 1, bytes)
 _CONNECTION_KEY = b"\x12"  # Heartbeat.connections (field 2, bytes)
@@ -52,19 +52,6 @@ def encode_heartbeat(gateway_id: str, connections: Iterable[bytes], ts_ms: int) 
     return head + b"".join(connections) + tail
 
 
-def _text(data: bytes, pos: int, end: int) -> tuple[str, int] | None:
-    read = _read_varint(data, pos, end)
-    if read is None:
-        return None
-    length, pos = read
-    if length == 0 or pos + length > end:
-        return None
-    try:
-        return data[pos : pos + length].decode(), pos + length
-    except UnicodeDecodeError:
-        return None
-
-
 def _parse_connection(data: bytes, pos: int, end: int) -> Connection | None:
     values = ["", ""]
     last_key = 0
@@ -73,7 +60,7 @@ def _parse_connection(data: bytes, pos: int, end: int) -> Connection | None:
         if key not in (0x0A, 0x12) or key <= last_key:
             return None
         last_key = key
-        read = _text(data, pos + 1, end)
+        read = _read_text(data, pos + 1, end)
         if read is None:
             return None
         values[key >> 4], pos = read  # 0x0A -> 0, 0x12 -> 1
@@ -91,7 +78,7 @@ def parse_heartbeat(data: bytes) -> Heartbeat | None:
             return None
         last_key = key
         if key == 0x0A:
-            read = _text(data, pos, end)
+            read = _read_text(data, pos, end)
             if read is None:
                 return None
             gateway_id, pos = read
@@ -130,7 +117,7 @@ def parse_user_event(data: bytes) -> tuple[str, int] | None:
     user, ts_ms = "", 0
     pos, end = 0, len(data)
     if pos < end and data[pos] == 0x0A:
-        read = _text(data, pos + 1, end)
+        read = _read_text(data, pos + 1, end)
         if read is None:
             return None
         user, pos = read

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from chatlib.wire import _read_varint, _string, _varint
+from chatlib.wire import _read_text, _read_varint, _string, _varint
 
 
 class Thread(NamedTuple):
@@ -89,17 +89,10 @@ def _parse_thread(data: bytes, pos: int, end: int) -> Thread | None:
             return None
         last_key = key
         if key in _THREAD_STRINGS:
-            read = _read_varint(data, pos, end)
-            if read is None:
+            text = _read_text(data, pos, end)
+            if text is None:
                 return None
-            length, pos = read
-            if length == 0 or pos + length > end:
-                return None
-            try:
-                values[_THREAD_STRINGS[key]] = data[pos : pos + length].decode()
-            except UnicodeDecodeError:
-                return None
-            pos += length
+            values[_THREAD_STRINGS[key]], pos = text
         elif key in _THREAD_INTS:
             read = _read_varint(data, pos, end)
             if read is None or read[0] == 0:

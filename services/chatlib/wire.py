@@ -55,6 +55,21 @@ def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
     return None
 
 
+def _read_text(data: bytes, pos: int, end: int) -> tuple[str, int] | None:
+    """(text, next position) of a non-empty UTF-8 length-delimited field, else None (an
+    empty one is not canonical: proto3 leaves empty strings out)."""
+    read = _read_varint(data, pos, end)
+    if read is None:
+        return None
+    length, pos = read
+    if length == 0 or pos + length > end:
+        return None
+    try:
+        return data[pos : pos + length].decode(), pos + length
+    except UnicodeDecodeError:
+        return None
+
+
 def parse_chat_message(data: bytes, pos: int = 0, end: int | None = None) -> Fields | None:
     """The fields of a canonically encoded ChatMessage in data[pos:end], or None."""
     end = len(data) if end is None else end
