@@ -10,18 +10,9 @@ from chatlib.proto.chat import v1 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-texts = st.text(max_size=40)
-messages = st.builds(
-    pb.ChatMessage,
-    id=texts,
-    room=texts,
-    dm_peer=texts,
-    sender=texts,
-    content=st.text(max_size=300),
-    ts_ms=st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    client_id=texts,
-    reply_to=texts,
-)
+from tests.chat_strategies import chat_messages
+
+messages = chat_messages(with_reply_to=True)
 
 
 @settings(max_examples=300, deadline=None)

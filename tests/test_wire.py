@@ -9,18 +9,9 @@ from chatlib.proto.chat import v1 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-texts = st.text(max_size=40)
-int64s = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-messages = st.builds(
-    pb.ChatMessage,
-    id=texts,
-    room=texts,
-    dm_peer=texts,
-    sender=texts,
-    content=st.text(max_size=300),
-    ts_ms=int64s,
-    client_id=texts,
-)
+from tests.chat_strategies import chat_messages
+
+messages = chat_messages()
 
 
 def fields_of(message: pb.ChatMessage) -> wire.Fields:
