@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests import test_page
 from tests.system_fixtures import ChatSystem
-from tests.test_page import WAIT_MS, axe_problems, close_all, new_person, unique
+from tests.test_page import WAIT_MS, axe_problems, close_all, new_person, unique, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -22,6 +23,20 @@ axe_source = test_page.axe_source
 
 def room_item(person: test_page.Person, room: str) -> Any:
     return person.page.locator(f'#rooms li[data-room="{room}"]')
+
+
+async def directory_has(system: ChatSystem, prefix: str, rooms: int) -> bool:
+    """Whether the archive's room directory lists `rooms` rooms of `prefix`, each with a member."""
+    conn = await asyncpg.connect(system.database_url)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM rooms r WHERE r.name LIKE $1 || '%' AND EXISTS "
+            "(SELECT 1 FROM memberships m WHERE m.room = r.name AND m.member)",
+            prefix,
+        )
+        return int(found) == rooms
+    finally:
+        await conn.close()
 
 
 async def session_token(person: Any) -> str:
@@ -123,6 +138,11 @@ async def test_the_room_browser_searches_by_prefix_and_joins(
     try:
         for suffix in ("-alpha", "-beta"):
             await maker.join(prefix + suffix)
+        # The directory is the archive's, written from the membership stream a moment after
+        # the join: a search is a snapshot, so search once both rooms are in it.
+        await wait_for(
+            lambda: directory_has(system, prefix, 2), what=f"the archive to list {prefix}-*"
+        )
         await visitor.page.click("#browse-open")
         await visitor.page.fill("#browse-search", prefix)
         rows = visitor.page.locator("#browse-list li")
