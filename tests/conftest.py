@@ -24,6 +24,11 @@ from nats.js import JetStreamContext
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# The browser tests sign in hundreds of guests from one address; the gateways the tests
+# start inherit this (test_gateway_limits.py sets its own to test the limit itself).
+os.environ.setdefault("GATEWAY_GUEST_PER_MINUTE", "100000")
+os.environ.setdefault("GATEWAY_GUEST_BURST", "10000")
+
 
 def docker_answers() -> bool:
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +233,43 @@ async def test_guest_names_are_validated(gateways: list[GatewayProc]) -> None:
         assert answer["error"]["code"] == "bad_user"
     status, answer = await asyncio.to_thread(http_json, gw, "/api/guest", {"name": "alice"})
     assert status == 200 and answer["user"] == "alice" and answer["expires_at"] > 0
+
+
+def guest_from(gw: GatewayProc, name: str, address: str) -> tuple[int, Any, str | None]:
+    """POST /api/guest as a client at `address` (X-Forwarded-For, which a gateway believes
+    from its own host by default): (status, body, Retry-After)."""
+    request = urllib.request.Request(
+        f"{gw.http_url}/api/guest",
+        data=orjson.dumps({"name": name}),
+        method="POST",
+        headers={"X-Forwarded-For": address, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status), orjson.loads(resp.read()), resp.headers.get("Retry-After")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), orjson.loads(exc.read()), exc.headers.get("Retry-After")
+
+
+async def test_guest_sign_ins_are_limited_per_address_and_a_refused_one_reserves_nothing(
+    nats_server: Any, logs_dir: Path
+) -> None:
+    env = {"GATEWAY_GUEST_PER_MINUTE": "1", "GATEWAY_GUEST_BURST": "2"}
+    with start_gateways(nats_server.url, logs_dir, 1, env) as (gw,):
+        for name in ("gina", "gus"):
+            status, _, _ = await asyncio.to_thread(guest_from, gw, name, "198.51.100.7")
+            assert status == 200
+        status, body, retry = await asyncio.to_thread(guest_from, gw, "gabe", "198.51.100.7")
+        assert status == 429 and body["error"]["code"] == "rate_limited"
+        assert retry is not None and 1 <= int(retry) <= 60, retry
+        assert "try again" in body["error"]["message"]
+        # Another address has its own allowance, and the refused name was not reserved.
+        status, body, _ = await asyncio.to_thread(guest_from, gw, "gabe", "203.0.113.9")
+        assert status == 200 and body["user"] == "gabe"
+        # Bad names are answered as before, whatever the allowance.
+        status, body, _ = await asyncio.to_thread(guest_from, gw, "Not Valid", "198.51.100.7")
+        assert status == 400 and body["error"]["code"] == "bad_user"
+        assert gw.metric("gateway_guest_rate_limited_total") == 1
 
 
 async def test_a_websocket_from_another_origin_is_refused_before_accept(

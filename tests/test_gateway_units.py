@@ -9,7 +9,7 @@ import jwt
 import orjson
 import pytest
 from chatlib.auth import Authenticator, AuthError
-from chatlib.limits import AbuseGuard, TokenBucket
+from chatlib.limits import AbuseGuard, KeyedBuckets, TokenBucket
 from chatlib.proto.chat import v1 as pb
 from gateway import frames
 from gateway.admission import Admission
@@ -29,6 +29,17 @@ def test_token_bucket_allows_the_burst_then_the_rate() -> None:
     assert bucket.take(now=0.05)  # one token back after 1/20 s
     assert not bucket.take(now=0.05)
     assert sum(bucket.take(now=100.0) for _ in range(100)) == 40  # never above the burst
+
+
+def test_keyed_buckets_are_per_key_say_how_long_to_wait_and_stay_bounded() -> None:
+    limits = KeyedBuckets(rate=0.5, burst=2, max_keys=3)
+    assert limits.take("a", now=0.0) == 0.0 and limits.take("a", now=0.0) == 0.0
+    assert limits.take("a", now=0.0) == pytest.approx(2.0)  # a token every 2 s
+    assert limits.take("a", now=1.5) == pytest.approx(0.5)
+    assert limits.take("b", now=1.5) == 0.0  # another key has its own allowance
+    for key in ("c", "d", "e"):
+        limits.take(key, now=2.0)
+    assert len(limits.buckets) == 3 and "a" not in limits.buckets  # the oldest went
 
 
 def test_abuse_needs_many_violations_within_the_window() -> None:

@@ -1,4 +1,5 @@
-"""Per-connection limits: a token bucket for frames, and a tally of violations for abuse."""
+"""Limits: a token bucket for frames, buckets per client address (guest sign-ins), and a
+tally of violations for abuse."""
 
 from __future__ import annotations
 
@@ -24,6 +25,32 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+    def wait(self, now: float | None = None) -> float:
+        """Seconds until `take` would succeed (0 when it would now)."""
+        now = time.monotonic() if now is None else now
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+
+class KeyedBuckets:
+    """A TokenBucket per key (a client address), at most `max_keys` of them: past that the
+    oldest is forgotten, so a flood of addresses costs bounded memory (a forgotten address
+    starts again with a full bucket, the worst it can gain)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Take a token for `key`: 0.0 when allowed, else the seconds until one is free."""
+        now = time.monotonic() if now is None else now
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= self.max_keys:
+                del self.buckets[next(iter(self.buckets))]
+            bucket = self.buckets[key] = TokenBucket(self.rate, int(self.burst), now)
+        return 0.0 if bucket.take(now) else bucket.wait(now)
 
 
 class AbuseGuard:

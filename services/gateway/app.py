@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 from collections.abc import Awaitable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from chatlib import health, lifecycle, names, nats_wiring, validate
 from chatlib.auth import Authenticator, AuthError, Identity, new_holder
 from chatlib.guest_names import GuestNames, NameTaken, ensure_bucket
 from chatlib.js_publisher import JetStreamPublisher
+from chatlib.limits import KeyedBuckets
 from chatlib.logs import setup_logging
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -433,6 +435,7 @@ def _hello_rooms(hello: dict[str, Any]) -> tuple[list[str], list[FrameError]]:
 def build_app(gateway: Gateway) -> Any:
     settings = gateway.settings
     api = FastAPI(title="natschat gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    guest_buckets = KeyedBuckets(settings.guest_per_minute / 60, settings.guest_burst)
 
     @api.get("/")
     async def index() -> Response:
@@ -479,6 +482,17 @@ def build_app(gateway: Gateway) -> Any:
         if not validate.is_valid_name(name):
             message = f"name must be {validate.NAME_RULE}"
             return JSONResponse(_http_error("bad_user", message), status_code=400)
+        address = request.client.host if request.client else "unknown"
+        wait = guest_buckets.take(address)
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            metrics.GUEST_RATE_LIMITED.inc()
+            message = f"too many guest sign-ins from this address; try again in {retry} s"
+            return JSONResponse(
+                _http_error("rate_limited", message),
+                status_code=429,
+                headers={"Retry-After": str(retry)},
+            )
         holder = new_holder()
         try:
             if gateway.guest_names is None:
@@ -578,6 +592,7 @@ async def serve(settings: GatewaySettings) -> None:
         ws=SlimWebSocketProtocol,  # uvicorn's websockets-sansio, slimmed per socket
         ws_max_size=settings.hard_frame_bytes or 2 * settings.max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,  # tokens never go in URLs, but keep request logs out anyway
         lifespan="off",
         log_config=None,

@@ -43,6 +43,9 @@ FANOUT_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 RATE_LIMITED = Counter("gateway_rate_limited_frames_total", "Frames refused by the rate limit")
+GUEST_RATE_LIMITED = Counter(
+    "gateway_guest_rate_limited_total", "Guest sign-ins refused with 429 (per-address limit)"
+)
 SLOW_DISCONNECTS = Counter(
     "gateway_slow_client_disconnects_total", "Sockets closed because their send queue was full"
 )

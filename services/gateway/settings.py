@@ -44,6 +44,14 @@ class GatewaySettings(ClientSettings):
     replay_cache_ttl: float = Field(default=60.0, gt=0)
     # ... and a first read reaches this many seqs further back than asked (replay_cache.py).
     replay_backfill: int = Field(default=20_000, ge=0)
+    # Guest sign-ins (POST /api/guest) per client address: this many a minute, bursts of
+    # guest_burst; past it 429 with Retry-After (a script cannot squat names).
+    guest_per_minute: float = Field(default=20.0, gt=0)
+    guest_burst: int = Field(default=10, gt=0)
+    # Addresses of the proxies whose X-Forwarded-For names the client (uvicorn's
+    # forwarded_allow_ips, comma-separated, "*" for any): behind an ingress, set it to the
+    # ingress's, else every client looks like the ingress to the guest limit.
+    forwarded_allow_ips: str = "127.0.0.1"
     history_page_size: int = Field(default=50, gt=0)
     # Presence: how often this gateway reports its live connections.
     heartbeat_interval: float = Field(default=2.0, gt=0)
