@@ -212,3 +212,31 @@ async def test_admission_learns_its_greeting_rate_only_while_hellos_wait() -> No
     assert admission.retry_after() == 10
     for ticket in held:
         ticket.done()
+
+
+# --- durable sends in flight per socket (gateway/session.py) ----------------------------------
+async def test_a_socket_has_at_most_max_sends_in_flight_and_settles_them() -> None:
+    from gateway.session import MAX_SENDS_IN_FLIGHT, Session
+
+    async def send(event: dict[str, object]) -> None:
+        return None
+
+    session = Session("bob", send, GatewaySettings())
+    for _ in range(MAX_SENDS_IN_FLIGHT):
+        await asyncio.wait_for(session.send_started(), 1)
+    # One more waits for a slot (the receive loop then reads no further frame) ...
+    extra = asyncio.create_task(session.send_started())
+    settling = asyncio.create_task(session.settle_sends())
+    await asyncio.sleep(0.05)
+    assert not extra.done() and not settling.done()
+    # ... until one of them is answered.
+    session.send_done()
+    await asyncio.wait_for(extra, 1)
+    assert session.sends == MAX_SENDS_IN_FLIGHT
+    for _ in range(MAX_SENDS_IN_FLIGHT - 1):
+        session.send_done()
+    await asyncio.sleep(0.05)
+    assert not settling.done()  # one still out
+    session.send_done()
+    await asyncio.wait_for(settling, 1)
+    assert session.sends == 0

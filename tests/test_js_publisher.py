@@ -244,3 +244,34 @@ async def test_a_publish_times_out_while_nats_does_not_answer(
     finally:
         await asyncio.to_thread(proxy.set_pass)
         await pub.stop()
+
+
+async def test_submit_hands_back_the_future_its_pub_ack_settles(nc: NATS, stream: str) -> None:
+    """The gateway's durable sends add a callback to it (no task per send)."""
+    pub = JetStreamPublisher(nc, timeout=2.0, max_in_flight=1)
+    await pub.start()
+    try:
+        pending = await pub.submit("pubtest.g", b"x", stream=stream)
+        assert pub.in_flight == 1 and not pending.done()
+        settled: list[api.PubAck] = []
+        pending.add_done_callback(lambda f: settled.append(f.result()))
+        await wait_until(lambda: settled, "acked")
+        assert settled[0].seq == 1 and pub.in_flight == 0
+        # Its slot came back with the PubAck: the one-slot window takes the next.
+        assert (await asyncio.wait_for(pub.publish("pubtest.g", b"y", stream=stream), 2)).seq == 2
+    finally:
+        await pub.stop()
+
+
+async def test_stop_fails_the_publishes_waiting_for_a_slot(nc: NATS) -> None:
+    await _silent_responder(nc, "silent.h")
+    pub = JetStreamPublisher(nc, timeout=30.0, max_in_flight=1)
+    await pub.start()
+    out = await pub.submit("silent.h", b"x")
+    waiting = asyncio.create_task(pub.publish("silent.h", b"y"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await pub.stop()
+    for outcome in (out, waiting):
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(outcome, 2)
