@@ -32,6 +32,8 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import APIError, NoStreamResponseError
 
+from chatlib.nats_client import publish_now
+
 # The status header of a reply from the server itself, and the status meaning nobody
 # was subscribed to the subject (no stream stores it).
 _STATUS = "Status"
@@ -154,10 +156,10 @@ class JetStreamPublisher:
             token = str(self._next_token)
             future: asyncio.Future[api.PubAck] = loop.create_future()
             self._waiting[token] = future
+            reply = self._prefix + token
             try:
-                await self._nc.publish(
-                    subject, payload, reply=self._prefix + token, headers=headers
-                )
+                if not publish_now(self._nc, subject, payload, reply, headers):
+                    await self._nc.publish(subject, payload, reply=reply, headers=headers)
             except BaseException:
                 del self._waiting[token]
                 raise
