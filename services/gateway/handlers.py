@@ -282,16 +282,16 @@ def _not_stored(msg: ChatEvent, exc: BaseException) -> FrameError:
 
 
 def _ack_frame(client_id: str, msg_id: str, seq: int, ts: int, duplicate: bool = False) -> str:
-    frame: dict[str, Any] = {
+    ack_frame: dict[str, Any] = {
         "type": "ack",
         "client_id": client_id,
         "id": msg_id,
         "seq": seq,
         "ts": ts,
     }
-    if duplicate:
-        frame["duplicate"] = True
-    return frames.dumps(frame)
+    if duplicate:  # optional fields are set as ack_frame[...] (tests/test_docs.py finds them)
+        ack_frame["duplicate"] = True
+    return frames.dumps(ack_frame)
 
 
 # --- history -----------------------------------------------------------------------------
