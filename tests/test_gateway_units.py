@@ -19,6 +19,8 @@ from gateway.frames import FrameError
 from gateway.recovery import filter_groups
 from gateway.session import _text_frame
 from gateway.settings import GatewaySettings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 
@@ -240,3 +242,15 @@ async def test_a_socket_has_at_most_max_sends_in_flight_and_settles_them() -> No
     session.send_done()
     await asyncio.wait_for(settling, 1)
     assert session.sends == 0
+
+
+# --- message ids (chatlib/ids.py) ------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, (1 << 60) - 1), st.integers(0, (1 << 90) - 1))
+def test_an_id_is_written_as_the_character_loop_writes_it(ms: int, rand: int) -> None:
+    from chatlib import ids
+
+    expected = ids._encode(ms, 10) + ids._encode(rand & ((1 << 80) - 1), 16)
+    assert ids._encode_id(ms, rand) == expected
+    assert ids.is_valid_id(expected)
+    assert ms >= 1 << 50 or ids.id_time_ms(expected) == ms
