@@ -254,3 +254,40 @@ def test_an_id_is_written_as_the_character_loop_writes_it(ms: int, rand: int) ->
     assert ids._encode_id(ms, rand) == expected
     assert ids.is_valid_id(expected)
     assert ms >= 1 << 50 or ids.id_time_ms(expected) == ms
+
+
+# --- lock-free metrics (gateway/metrics.py), pinned to prometheus_client's exposition ----------
+def _exposition(collector: object) -> list[str]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return [line for line in text.splitlines() if "_created" not in line]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 10) | st.sampled_from([0.0, 0.001, 0.0025, 5.0, 7.5]), max_size=20))
+def test_the_plain_histogram_exposes_what_the_library_histogram_does(values: list[float]) -> None:
+    from gateway.metrics import PlainHistogram
+    from prometheus_client import CollectorRegistry, Histogram
+
+    buckets = (0.001, 0.0025, 0.005, 1.0, 5.0)
+    ours = PlainHistogram("h_seconds", "doc", buckets)
+    theirs = Histogram("h_seconds", "doc", buckets=buckets, registry=CollectorRegistry())
+    for value in values:
+        ours.observe(value)
+        theirs.observe(value)
+    assert _exposition(ours) == _exposition(theirs)
+
+
+def test_the_plain_labelled_counter_exposes_what_the_library_counter_does() -> None:
+    from gateway.metrics import PlainLabelledCounter
+    from prometheus_client import CollectorRegistry, Counter
+
+    ours = PlainLabelledCounter("frames_in", "doc", "type")
+    theirs = Counter("frames_in_total", "doc", ["type"], registry=CollectorRegistry())
+    for kind, n in (("send", 3), ("ping", 1), ("send", 2), ('a"b', 1)):
+        ours.labels(kind).value += n
+        theirs.labels(kind).inc(n)
+    assert _exposition(ours) == _exposition(theirs)
