@@ -275,3 +275,30 @@ async def test_stop_fails_the_publishes_waiting_for_a_slot(nc: NATS) -> None:
     for outcome in (out, waiting):
         with pytest.raises(nats.errors.ConnectionClosedError):
             await asyncio.wait_for(outcome, 2)
+
+
+async def test_on_the_services_client_pub_acks_are_read_without_a_task(
+    nats_server: NatsServer, nc: NATS, stream: str
+) -> None:
+    """The services' client hands PubAcks to the publisher as they are read
+    (chatlib.nats_client.subscribe_handler): the same outcomes."""
+    from chatlib import nats_client, nats_wiring
+    from chatlib.settings import CommonSettings
+
+    ours = await nats_wiring.connect(CommonSettings(nats_servers=[nats_server.url]), "pub-test")
+    assert isinstance(ours, nats_client.Client)
+    pub = JetStreamPublisher(ours, timeout=2.0, max_in_flight=8)
+    await pub.start()
+    try:
+        acks = await asyncio.gather(
+            *(pub.publish(f"pubtest.{i}", b"m%d" % i, stream=stream) for i in range(50))
+        )
+        assert [a.seq for a in acks] == list(range(1, 51))
+        with pytest.raises(APIError):
+            await pub.publish("pubtest.a", b"x", stream="OTHER")
+        with pytest.raises(NoStreamResponseError):
+            await pub.publish("nostream.a", b"x")
+        assert pub.in_flight == 0
+    finally:
+        await pub.stop()
+        await ours.close()

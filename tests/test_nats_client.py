@@ -13,7 +13,10 @@ from devtools.servers import NatsServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as LibraryClient
+from nats.aio.msg import Msg
 from nats.errors import BadHeaderError, BadSubjectError
+
+from tests.waiting import wait_until
 
 library_parse = LibraryClient._parse_header_lines
 
@@ -176,3 +179,41 @@ async def test_publish_now_queues_and_sends_what_nats_py_does(nats_server: NatsS
     finally:
         await nc.close()
     assert not nats_client.publish_now(nc, "pubnow.g", b"x")  # closed
+
+
+# --- subscribe_handler: messages to a plain function as they are read -----------------------
+@pytest.mark.parametrize("ours", [True, False], ids=["our-client", "nats-py-client"])
+async def test_a_handler_gets_every_message_in_order_until_unsubscribed(
+    nats_server: NatsServer, ours: bool
+) -> None:
+    if ours:
+        nc = await nats_wiring.connect(CommonSettings(nats_servers=[nats_server.url]), "h-test")
+    else:
+        nc = await nats.connect(nats_server.url)
+    got: list[tuple[str, bytes, dict[str, str] | None]] = []
+
+    def handler(msg: Msg) -> None:
+        if msg.data == b"boom":
+            raise RuntimeError("a handler's bug")  # logged; the connection goes on
+        got.append((msg.subject, msg.data, msg.headers))
+
+    try:
+        sub = await nats_client.subscribe_handler(nc, "handled.>", handler)
+        await nc.publish("handled.a", b"1", headers={"Nats-Sequence": "1"})
+        await nc.publish("handled.b", b"boom")
+        for i in range(2, 6):
+            await nc.publish("handled.a", b"%d" % i)
+        await wait_until(lambda: len(got) == 5, "five handled")
+        assert got[0] == ("handled.a", b"1", {"Nats-Sequence": "1"})
+        assert [data for _, data, _ in got] == [b"1", b"2", b"3", b"4", b"5"]
+        assert sub.pending_msgs == 0 and nc.is_connected
+        if ours:
+            assert nc.stats["in_msgs"] == 6  # counted as nats-py counts them
+        await sub.unsubscribe()
+        await nc.publish("handled.a", b"late")
+        await nc.flush()
+        await nc.publish("handled.a", b"later")  # a round trip later: nothing came
+        await nc.flush()
+        assert len(got) == 5
+    finally:
+        await nc.close()

@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import APIError, NoStreamResponseError
 
-from chatlib.nats_client import publish_now
+from chatlib.nats_client import publish_now, subscribe_handler
 
 # The status header of a reply from the server itself, and the status meaning nobody
 # was subscribed to the subject (no stream stores it).
@@ -94,7 +94,7 @@ class JetStreamPublisher:
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sub = await subscribe_handler(self._nc, self._prefix + "*", self._on_reply)
 
     async def stop(self) -> None:
         if self._sweep_timer is not None:
@@ -196,7 +196,7 @@ class JetStreamPublisher:
                 return
         self._free += 1
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if future is None:
             return  # timed out before the reply came

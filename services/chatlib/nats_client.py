@@ -14,11 +14,17 @@ nats-py; when it is there, this module goes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Callable
 
 from nats import errors
 from nats.aio.client import _HEADER_KEY_RE, _HEADER_VALUE_NEWLINES, _validate_subject
 from nats.aio.client import Client as _LibraryClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger(__name__)
 
 # What str.isspace() calls whitespace (re's \s on str is the same set).
 _WHITESPACE = re.compile(r"\s")
@@ -61,10 +67,56 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     return out
 
 
+Handler = Callable[[Msg], None]
+
+
 class Client(_LibraryClient):
-    """nats-py's client with `parse_header_lines` as its header reader."""
+    """nats-py's client with `parse_header_lines` as its header reader, and subscriptions
+    whose messages go to a plain function as they are read (`subscribe_handler`)."""
 
     _parse_header_lines = staticmethod(parse_header_lines)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handlers: dict[int, Handler] = {}
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        handler = self._handlers.get(sid)
+        if handler is not None:
+            sub = self._subs.get(sid)
+            if sub is not None:
+                # What nats-py does for a plain subscription's message, up to queueing it.
+                stats = self.stats
+                stats["in_msgs"] += 1
+                stats["in_bytes"] += len(data)
+                sub._received += 1
+                hdr = await self._process_headers(headers)
+                msg = self._build_message(sid, subject, reply, data, hdr)
+                try:
+                    handler(msg)
+                except Exception:  # never into the read loop: it would drop the connection
+                    log.exception("handler of %s failed", msg.subject)
+                return
+            del self._handlers[sid]  # unsubscribed
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+
+async def subscribe_handler(nc: _LibraryClient, subject: str, handler: Handler) -> Subscription:
+    """Subscribe `handler`, a plain function, to `subject`. On our Client it is called from
+    the read loop as each message is parsed: no subscription queue, no task hop, no
+    coroutine per message (a PubAck and a live copy per durable send, issue 18). On
+    nats-py's client (and for anything that arrives before the handler is registered)
+    it is called from the subscription's own callback task."""
+
+    async def forward(msg: Msg) -> None:
+        handler(msg)
+
+    sub = await nc.subscribe(subject, cb=forward)
+    if isinstance(nc, Client):
+        nc._handlers[sub._id] = handler
+    return sub
 
 
 # --- publishing ----------------------------------------------------------------------------
