@@ -207,7 +207,9 @@ async def test_a_handler_gets_every_message_in_order_until_unsubscribed(
         assert got[0] == ("handled.a", b"1", {"Nats-Sequence": "1"})
         assert [data for _, data, _ in got] == [b"1", b"2", b"3", b"4", b"5"]
         assert sub.pending_msgs == 0 and nc.is_connected
+        assert nats_client.queues_messages(nc) is not ours
         if ours:
+            assert nc._handlers[sub._id] is handler
             assert nc.stats["in_msgs"] == 6  # counted as nats-py counts them
         await sub.unsubscribe()
         await nc.publish("handled.a", b"late")

@@ -106,17 +106,31 @@ class Client(_LibraryClient):
 async def subscribe_handler(nc: _LibraryClient, subject: str, handler: Handler) -> Subscription:
     """Subscribe `handler`, a plain function, to `subject`. On our Client it is called from
     the read loop as each message is parsed: no subscription queue, no task hop, no
-    coroutine per message (a PubAck and a live copy per durable send, issue 18). On
-    nats-py's client (and for anything that arrives before the handler is registered)
-    it is called from the subscription's own callback task."""
+    coroutine per message (a PubAck and a live copy per durable send, issue 18). It is
+    registered under the subscription's id before the SUB is even queued, so every
+    message goes that way and the subscription's queue stays empty. On nats-py's client
+    it is called from the subscription's own callback task (see queues_messages)."""
 
     async def forward(msg: Msg) -> None:
         handler(msg)
 
-    sub = await nc.subscribe(subject, cb=forward)
-    if isinstance(nc, Client):
-        nc._handlers[sub._id] = handler
+    if not isinstance(nc, Client):
+        return await nc.subscribe(subject, cb=forward)
+    sid = nc._sid + 1  # the id subscribe() gives it: nothing runs in between
+    nc._handlers[sid] = handler
+    try:
+        sub = await nc.subscribe(subject, cb=forward)
+    except BaseException:
+        nc._handlers.pop(sid, None)
+        raise
+    assert sub._id == sid, "nats-py numbers subscriptions differently: see subscribe_handler"
     return sub
+
+
+def queues_messages(nc: _LibraryClient) -> bool:
+    """Whether messages of subscribe_handler's subscriptions on `nc` wait in a queue for
+    a task (nats-py's client) rather than reaching the handler as they are read."""
+    return not isinstance(nc, Client)
 
 
 # --- publishing ----------------------------------------------------------------------------

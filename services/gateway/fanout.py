@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 
 from chatlib import codec, message_events, names, presence_wire
 from chatlib.message_events import ChatEvent
-from chatlib.nats_client import subscribe_handler
+from chatlib.nats_client import queues_messages, subscribe_handler
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -71,6 +71,10 @@ class Hub:
         self._order = StreamOrder(self._subscriptions)
 
     def _subscriptions(self) -> Iterable[Subscription]:
+        """Where live messages may wait before being filed in StreamOrder: nowhere on the
+        services' client (its subscribe_handler files each as it is read)."""
+        if not queues_messages(self.nc):
+            return
         for group in self._room_subs.values():
             yield from group
         yield from self._global_subs
