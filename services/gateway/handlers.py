@@ -236,8 +236,10 @@ def _on_pub_ack(send: _Send, pending: asyncio.Future[PubAck]) -> None:
         task.add_done_callback(_DUPLICATES.discard)
         return
     msg = send.msg
-    session.push(_ack_frame(msg.client_id, msg.id, ack.seq, msg.ts_ms))
-    session.send_done()
+    try:
+        session.push(_ack_frame(msg.client_id, msg.id, ack.seq, msg.ts_ms))
+    finally:
+        session.send_done()  # whatever happens, the socket's count stays true
 
 
 # Replies to duplicate sends being looked up (a reference keeps each task alive).
