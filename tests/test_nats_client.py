@@ -174,6 +174,10 @@ async def test_publish_now_queues_and_sends_what_nats_py_does(nats_server: NatsS
                 nats_client.publish_now(nc, subject, b"x", reply)
         with pytest.raises(BadHeaderError):
             nats_client.publish_now(nc, "pubnow.e", b"x", headers={"bad name": "v"})
+        nc._skip_subject_validation = True  # an empty subject is still refused
+        with pytest.raises(BadSubjectError):
+            nats_client.publish_now(nc, "", b"x")
+        nc._skip_subject_validation = False
         # Where nats-py might wait or raise otherwise, nothing is done: it is left to it.
         assert not nats_client.publish_now(nc, "pubnow.f", b"x" * (nc.max_payload + 1))
     finally:

@@ -211,6 +211,8 @@ def publish_now(
         _validate_subject(subject)
         if reply:
             _validate_subject(reply)
+    elif not subject:
+        raise errors.BadSubjectError  # what _send_publish checks when validation is off
     size = len(payload)
     if size > nc._max_payload:
         return False
