@@ -19,6 +19,8 @@ from gateway.frames import FrameError
 from gateway.recovery import filter_groups
 from gateway.session import _text_frame
 from gateway.settings import GatewaySettings
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
 
@@ -223,3 +225,80 @@ async def test_admission_learns_its_greeting_rate_only_while_hellos_wait() -> No
     assert admission.retry_after() == 10
     for ticket in held:
         ticket.done()
+
+
+# --- durable sends in flight per socket (gateway/session.py) ----------------------------------
+async def test_a_socket_has_at_most_max_sends_in_flight_and_settles_them() -> None:
+    from gateway.session import MAX_SENDS_IN_FLIGHT, Session
+
+    async def send(event: dict[str, object]) -> None:
+        return None
+
+    session = Session("bob", send, GatewaySettings())
+    for _ in range(MAX_SENDS_IN_FLIGHT):
+        await asyncio.wait_for(session.send_started(), 1)
+    # One more waits for a slot (the receive loop then reads no further frame) ...
+    extra = asyncio.create_task(session.send_started())
+    settling = asyncio.create_task(session.settle_sends())
+    await asyncio.sleep(0.05)
+    assert not extra.done() and not settling.done()
+    # ... until one of them is answered.
+    session.send_done()
+    await asyncio.wait_for(extra, 1)
+    assert session.sends == MAX_SENDS_IN_FLIGHT
+    for _ in range(MAX_SENDS_IN_FLIGHT - 1):
+        session.send_done()
+    await asyncio.sleep(0.05)
+    assert not settling.done()  # one still out
+    session.send_done()
+    await asyncio.wait_for(settling, 1)
+    assert session.sends == 0
+
+
+# --- message ids (chatlib/ids.py) ------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, (1 << 60) - 1), st.integers(0, (1 << 90) - 1))
+def test_an_id_is_written_as_the_character_loop_writes_it(ms: int, rand: int) -> None:
+    from chatlib import ids
+
+    expected = ids._encode(ms, 10) + ids._encode(rand & ((1 << 80) - 1), 16)
+    assert ids._encode_id(ms, rand) == expected
+    assert ids.is_valid_id(expected)
+    assert ms >= 1 << 50 or ids.id_time_ms(expected) == ms
+
+
+# --- lock-free metrics (gateway/metrics.py), pinned to prometheus_client's exposition ----------
+def _exposition(collector: object) -> list[str]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return [line for line in text.splitlines() if "_created" not in line]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 10) | st.sampled_from([0.0, 0.001, 0.0025, 5.0, 7.5]), max_size=20))
+def test_the_plain_histogram_exposes_what_the_library_histogram_does(values: list[float]) -> None:
+    from gateway.metrics import PlainHistogram
+    from prometheus_client import CollectorRegistry, Histogram
+
+    buckets = (0.001, 0.0025, 0.005, 1.0, 5.0)
+    ours = PlainHistogram("h_seconds", "doc", buckets)
+    theirs = Histogram("h_seconds", "doc", buckets=buckets, registry=CollectorRegistry())
+    for value in values:
+        ours.observe(value)
+        theirs.observe(value)
+    assert _exposition(ours) == _exposition(theirs)
+
+
+def test_the_plain_labelled_counter_exposes_what_the_library_counter_does() -> None:
+    from gateway.metrics import PlainLabelledCounter
+    from prometheus_client import CollectorRegistry, Counter
+
+    ours = PlainLabelledCounter("frames_in", "doc", "type")
+    theirs = Counter("frames_in_total", "doc", ["type"], registry=CollectorRegistry())
+    for kind, n in (("send", 3), ("ping", 1), ("send", 2), ('a"b', 1)):
+        ours.labels(kind).value += n
+        theirs.labels(kind).inc(n)
+    assert _exposition(ours) == _exposition(theirs)

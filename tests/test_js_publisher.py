@@ -244,3 +244,61 @@ async def test_a_publish_times_out_while_nats_does_not_answer(
     finally:
         await asyncio.to_thread(proxy.set_pass)
         await pub.stop()
+
+
+async def test_submit_hands_back_the_future_its_pub_ack_settles(nc: NATS, stream: str) -> None:
+    """The gateway's durable sends add a callback to it (no task per send)."""
+    pub = JetStreamPublisher(nc, timeout=2.0, max_in_flight=1)
+    await pub.start()
+    try:
+        pending = await pub.submit("pubtest.g", b"x", stream=stream)
+        assert pub.in_flight == 1 and not pending.done()
+        settled: list[api.PubAck] = []
+        pending.add_done_callback(lambda f: settled.append(f.result()))
+        await wait_until(lambda: settled, "acked")
+        assert settled[0].seq == 1 and pub.in_flight == 0
+        # Its slot came back with the PubAck: the one-slot window takes the next.
+        assert (await asyncio.wait_for(pub.publish("pubtest.g", b"y", stream=stream), 2)).seq == 2
+    finally:
+        await pub.stop()
+
+
+async def test_stop_fails_the_publishes_waiting_for_a_slot(nc: NATS) -> None:
+    await _silent_responder(nc, "silent.h")
+    pub = JetStreamPublisher(nc, timeout=30.0, max_in_flight=1)
+    await pub.start()
+    out = await pub.submit("silent.h", b"x")
+    waiting = asyncio.create_task(pub.publish("silent.h", b"y"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await pub.stop()
+    for outcome in (out, waiting):
+        with pytest.raises(nats.errors.ConnectionClosedError):
+            await asyncio.wait_for(outcome, 2)
+
+
+async def test_on_the_services_client_pub_acks_are_read_without_a_task(
+    nats_server: NatsServer, nc: NATS, stream: str
+) -> None:
+    """The services' client hands PubAcks to the publisher as they are read
+    (chatlib.nats_client.subscribe_handler): the same outcomes."""
+    from chatlib import nats_client, nats_wiring
+    from chatlib.settings import CommonSettings
+
+    ours = await nats_wiring.connect(CommonSettings(nats_servers=[nats_server.url]), "pub-test")
+    assert isinstance(ours, nats_client.Client)
+    pub = JetStreamPublisher(ours, timeout=2.0, max_in_flight=8)
+    await pub.start()
+    try:
+        acks = await asyncio.gather(
+            *(pub.publish(f"pubtest.{i}", b"m%d" % i, stream=stream) for i in range(50))
+        )
+        assert [a.seq for a in acks] == list(range(1, 51))
+        with pytest.raises(APIError):
+            await pub.publish("pubtest.a", b"x", stream="OTHER")
+        with pytest.raises(NoStreamResponseError):
+            await pub.publish("nostream.a", b"x")
+        assert pub.in_flight == 0
+    finally:
+        await pub.stop()
+        await ours.close()

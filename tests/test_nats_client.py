@@ -3,6 +3,9 @@ nats-py's own reader does (it only remembers which names it has checked)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import nats
 import pytest
 from chatlib import nats_client, nats_wiring
 from chatlib.settings import CommonSettings
@@ -10,6 +13,10 @@ from devtools.servers import NatsServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as LibraryClient
+from nats.aio.msg import Msg
+from nats.errors import BadHeaderError, BadSubjectError
+
+from tests.waiting import wait_until
 
 library_parse = LibraryClient._parse_header_lines
 
@@ -81,3 +88,138 @@ def test_the_library_reader_is_still_where_we_replace_it() -> None:
     import inspect
 
     assert "self._parse_header_lines(" in inspect.getsource(LibraryClient._process_headers)
+
+
+# --- publish_now: nats-py's publish, synchronously ------------------------------------------
+def library_command(
+    subject: str, reply: str, payload: bytes, headers: dict[str, str] | None
+) -> bytes:
+    """The command nats-py's `_send_publish` queues (run to its end without a loop: on a
+    client that is not connected it never waits)."""
+    client = LibraryClient()
+    sent: list[bytes] = []
+
+    async def capture(cmd: bytes, priority: bool = False) -> None:
+        sent.append(cmd)
+
+    client._send_command = capture  # type: ignore[method-assign]
+    coro = client._send_publish(subject, reply, payload, len(payload), headers)
+    with pytest.raises(StopIteration):
+        coro.send(None)
+    return sent[0]
+
+
+def outcome(make: Callable[[], bytes]) -> bytes | type[BaseException]:
+    try:
+        return make()
+    except Exception as exc:
+        return type(exc)
+
+
+HEADER_NAMES = st.sampled_from(
+    ["Nats-Msg-Id", "Chat-Type", " Padded ", "", " ", "bad name", "a:b", "\u00e9", "k\t"]
+) | st.text(max_size=6)
+HEADER_VALUES = st.sampled_from(
+    ["v", " v ", "a\r\nb", "\u2003x\u2003", "\u00e9\u00e9", ""]
+) | st.text(max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(["chat.room.r1", "s"]),
+    st.sampled_from(["", "_INBOX.abc.7"]),
+    st.binary(max_size=20),
+    st.none() | st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=5),
+)
+def test_the_publish_command_is_the_one_nats_py_queues(
+    subject: str, reply: str, payload: bytes, headers: dict[str, str] | None
+) -> None:
+    for _ in range(2):  # the second time with the names remembered
+        expected = outcome(lambda: library_command(subject, reply, payload, headers))
+        assert outcome(lambda: nats_client.publish_command(subject, reply, payload, headers)) == (
+            expected
+        )
+
+
+async def test_publish_now_queues_and_sends_what_nats_py_does(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("pubnow.>")
+        cases: list[tuple[str, str, bytes, dict[str, str] | None]] = [
+            ("pubnow.a", "", b"plain", None),
+            ("pubnow.b", "_INBOX.x.1", b"", {"Chat-Type": "t", " Nats-Msg-Id ": " u:c\r\n "}),
+            ("pubnow.c", "", b"\x00\xff", {"": "skipped", "K": "\u00e9"}),
+        ]
+        for subject, reply, payload, headers in cases:
+            before = len(nc._pending), dict(nc.stats)
+            await nc.publish(subject, payload, reply, dict(headers) if headers else None)
+            theirs = nc._pending[before[0] :], nc.stats["out_msgs"] - before[1]["out_msgs"]
+            before = len(nc._pending), dict(nc.stats)
+            assert nats_client.publish_now(nc, subject, payload, reply, headers)
+            ours = nc._pending[before[0] :], nc.stats["out_msgs"] - before[1]["out_msgs"]
+            # Unless the flusher ran in between (it empties _pending), both queued one.
+            assert ours == theirs or not theirs[0]
+            assert ours[0] == [nats_client.publish_command(subject, reply, payload, headers)]
+            # The flusher was woken: both copies arrive, alike.
+            first, second = await sub.next_msg(timeout=5), await sub.next_msg(timeout=5)
+            assert (first.subject, first.reply, first.data, first.headers) == (
+                second.subject,
+                second.reply,
+                second.data,
+                second.headers,
+            )
+        # Refusals are nats-py's.
+        for subject, reply in (("bad subject", ""), ("pubnow.d", "bad\r\nreply"), ("", "")):
+            with pytest.raises(BadSubjectError):
+                nats_client.publish_now(nc, subject, b"x", reply)
+        with pytest.raises(BadHeaderError):
+            nats_client.publish_now(nc, "pubnow.e", b"x", headers={"bad name": "v"})
+        nc._skip_subject_validation = True  # an empty subject is still refused
+        with pytest.raises(BadSubjectError):
+            nats_client.publish_now(nc, "", b"x")
+        nc._skip_subject_validation = False
+        # Where nats-py might wait or raise otherwise, nothing is done: it is left to it.
+        assert not nats_client.publish_now(nc, "pubnow.f", b"x" * (nc.max_payload + 1))
+    finally:
+        await nc.close()
+    assert not nats_client.publish_now(nc, "pubnow.g", b"x")  # closed
+
+
+# --- subscribe_handler: messages to a plain function as they are read -----------------------
+@pytest.mark.parametrize("ours", [True, False], ids=["our-client", "nats-py-client"])
+async def test_a_handler_gets_every_message_in_order_until_unsubscribed(
+    nats_server: NatsServer, ours: bool
+) -> None:
+    if ours:
+        nc = await nats_wiring.connect(CommonSettings(nats_servers=[nats_server.url]), "h-test")
+    else:
+        nc = await nats.connect(nats_server.url)
+    got: list[tuple[str, bytes, dict[str, str] | None]] = []
+
+    def handler(msg: Msg) -> None:
+        if msg.data == b"boom":
+            raise RuntimeError("a handler's bug")  # logged; the connection goes on
+        got.append((msg.subject, msg.data, msg.headers))
+
+    try:
+        sub = await nats_client.subscribe_handler(nc, "handled.>", handler)
+        await nc.publish("handled.a", b"1", headers={"Nats-Sequence": "1"})
+        await nc.publish("handled.b", b"boom")
+        for i in range(2, 6):
+            await nc.publish("handled.a", b"%d" % i)
+        await wait_until(lambda: len(got) == 5, "five handled")
+        assert got[0] == ("handled.a", b"1", {"Nats-Sequence": "1"})
+        assert [data for _, data, _ in got] == [b"1", b"2", b"3", b"4", b"5"]
+        assert sub.pending_msgs == 0 and nc.is_connected
+        assert nats_client.queues_messages(nc) is not ours
+        if ours:
+            assert nc._handlers[sub._id] is handler
+            assert nc.stats["in_msgs"] == 6  # counted as nats-py counts them
+        await sub.unsubscribe()
+        await nc.publish("handled.a", b"late")
+        await nc.flush()
+        await nc.publish("handled.a", b"later")  # a round trip later: nothing came
+        await nc.flush()
+        assert len(got) == 5
+    finally:
+        await nc.close()

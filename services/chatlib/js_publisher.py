@@ -32,6 +32,8 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import APIError, NoStreamResponseError
 
+from chatlib.nats_client import publish_now, subscribe_handler
+
 # The status header of a reply from the server itself, and the status meaning nobody
 # was subscribed to the subject (no stream stores it).
 _STATUS = "Status"
@@ -74,7 +76,9 @@ class JetStreamPublisher:
     def __init__(self, nc: NATS, timeout: float, max_in_flight: int = 4096) -> None:
         self._nc = nc
         self._timeout = timeout
-        self._slots = asyncio.Semaphore(max_in_flight)
+        # Free in-flight slots; publishers waiting for one (only while the window is full).
+        self._free = max_in_flight
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._prefix = ""
         self._sub: Subscription | None = None
         self._next_token = 0
@@ -90,7 +94,7 @@ class JetStreamPublisher:
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sub = await subscribe_handler(self._nc, self._prefix + "*", self._on_reply)
 
     async def stop(self) -> None:
         if self._sweep_timer is not None:
@@ -104,6 +108,10 @@ class JetStreamPublisher:
                 pass  # the connection is gone already: so is the subscription
         waiting, self._waiting = self._waiting, {}
         self._deadlines.clear()
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(nats.errors.ConnectionClosedError())
         for future in waiting.values():
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
@@ -118,16 +126,27 @@ class JetStreamPublisher:
         """Publish and wait for the PubAck; `stream` makes JetStream refuse to store it in
         any other stream (Nats-Expected-Stream, added to `headers` as js.publish does).
         Waits at most the timeout for a slot, then at most the timeout for the PubAck."""
+        return await (await self.submit(subject, payload, headers, stream))
+
+    async def submit(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        stream: str | None = None,
+    ) -> asyncio.Future[api.PubAck]:
+        """`publish` up to the PubAck: returns once the message is handed to the NATS
+        connection, with the future the PubAck (or its error) settles. A caller that has
+        many publishes out adds a callback to it rather than running a task per publish
+        (a task per durable send was a tenth of the gateway's CPU, issue 18). Errors of
+        the hand-over (no slot within the timeout, connection closed) are raised here."""
         if self._sub is None:
             raise nats.errors.ConnectionClosedError()
         loop = asyncio.get_running_loop()
-        if self._slots.locked():  # the window is full: wait for a slot, not forever
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self._timeout)
-            except TimeoutError as exc:
-                raise nats.errors.TimeoutError() from exc
-        else:
-            await self._slots.acquire()  # returns at once
+        if self._free > 0 and not self._slot_waiters:
+            self._free -= 1
+        else:  # the window is full: wait for a slot, not forever
+            await self._wait_for_slot(loop)
         try:
             if stream is not None:
                 if headers is None:
@@ -137,25 +156,53 @@ class JetStreamPublisher:
             token = str(self._next_token)
             future: asyncio.Future[api.PubAck] = loop.create_future()
             self._waiting[token] = future
+            reply = self._prefix + token
             try:
-                await self._nc.publish(
-                    subject, payload, reply=self._prefix + token, headers=headers
-                )
+                if not publish_now(self._nc, subject, payload, reply, headers):
+                    await self._nc.publish(subject, payload, reply=reply, headers=headers)
             except BaseException:
                 del self._waiting[token]
                 raise
-            # Taken now, so deadlines are in the deque's order (the sweep relies on it).
-            self._deadlines.append((loop.time() + self._timeout, token, future))
-            if self._sweep_timer is None:
-                self._sweep_timer = loop.call_later(self._timeout * _SWEEP_SHARE, self._sweep)
-            return await future
-        finally:
-            self._slots.release()
+        except BaseException:
+            self._release_slot()
+            raise
+        # The slot is held while the token waits in _waiting: whoever takes it out of
+        # there (reply, sweep) releases the slot. Taken now, so deadlines are in the
+        # deque's order (the sweep relies on it).
+        self._deadlines.append((loop.time() + self._timeout, token, future))
+        if self._sweep_timer is None:
+            self._sweep_timer = loop.call_later(self._timeout * _SWEEP_SHARE, self._sweep)
+        return future
 
-    async def _on_reply(self, msg: Msg) -> None:
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self._timeout)
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release_slot()  # handed a slot just as we gave up: pass it on
+            if isinstance(exc, TimeoutError):
+                raise nats.errors.TimeoutError() from exc
+            raise
+
+    def _release_slot(self) -> None:
+        """Hand a slot to the first publisher still waiting for one, else free it."""
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    def _on_reply(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if future is None or future.done():
-            return  # timed out (or its publisher gave up) before the reply came
+        if future is None:
+            return  # timed out before the reply came
+        self._release_slot()
+        if future.done():
+            return  # its publisher gave up (cancelled) before the reply came
         headers = msg.headers
         if headers and headers.get(_STATUS) == _NO_RESPONDERS:
             future.set_exception(NoStreamResponseError())
@@ -176,7 +223,8 @@ class JetStreamPublisher:
                     break
                 future.set_exception(nats.errors.TimeoutError())
             deadlines.popleft()
-            waiting.pop(token, None)
+            if waiting.pop(token, None) is not None:
+                self._release_slot()
         self._sweep_timer = None
         if deadlines:
             self._sweep_timer = asyncio.get_running_loop().call_later(

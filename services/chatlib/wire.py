@@ -118,9 +118,13 @@ def parse_archive_task(data: bytes) -> Fields | None:
     return parse_chat_message(data, pos, len(data))
 
 
+# The one-byte varints (lengths of short strings: most fields), made once.
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -131,7 +135,8 @@ def _varint(value: int) -> bytes:
 
 def _string(key: bytes, text: str) -> bytes:
     raw = text.encode()
-    return key + _varint(len(raw)) + raw
+    n = len(raw)
+    return key + (_ONE_BYTE[n] if n < 0x80 else _varint(n)) + raw
 
 
 def encode_message(

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 
 from chatlib import codec, message_events, names, presence_wire
 from chatlib.message_events import ChatEvent
+from chatlib.nats_client import queues_messages, subscribe_handler
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -70,16 +71,19 @@ class Hub:
         self._order = StreamOrder(self._subscriptions)
 
     def _subscriptions(self) -> Iterable[Subscription]:
+        """Where live messages may wait before being filed in StreamOrder: nowhere on the
+        services' client (its subscribe_handler files each as it is read)."""
+        if not queues_messages(self.nc):
+            return
         for group in self._room_subs.values():
             yield from group
         yield from self._global_subs
 
-    def _in_order(
-        self, handle: Callable[[Msg], Awaitable[None]]
-    ) -> Callable[[Msg], Awaitable[None]]:
-        """A live-message callback that files the message for delivery in stream order."""
+    def _in_order(self, handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], None]:
+        """A live-message handler that files the message for delivery in stream order
+        (called as the message is read: chatlib.nats_client.subscribe_handler)."""
 
-        async def callback(msg: Msg) -> None:
+        def callback(msg: Msg) -> None:
             try:
                 seq = int((msg.headers or {}).get(names.HEADER_SEQUENCE, "0"))
             except ValueError:
@@ -106,8 +110,8 @@ class Hub:
         self._order.start()
         self._global_subs = [
             await self.nc.subscribe(names.PRESENCE_EVENTS_ALL, cb=self._on_presence),
-            await self.nc.subscribe(
-                names.live_subject(names.DM_ALL), cb=self._in_order(self._on_live_dm)
+            await subscribe_handler(
+                self.nc, names.live_subject(names.DM_ALL), self._in_order(self._on_live_dm)
             ),
             await self.nc.subscribe(names.TYPING_DM_ALL, cb=self._on_typing_dm),
         ]
@@ -169,7 +173,7 @@ class Hub:
 
         live = names.live_subject(names.room_subject(room))
         return [
-            await self.nc.subscribe(live, cb=self._in_order(on_live)),
+            await subscribe_handler(self.nc, live, self._in_order(on_live)),
             await self.nc.subscribe(names.typing_room_subject(room), cb=on_typing),
         ]
 

@@ -3,6 +3,8 @@ and the dependencies; every refusal is a FrameError that becomes an error frame.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +19,7 @@ from chatlib.message_events import ChatEvent
 from chatlib.proto.chat import v1 as pb
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.micro.request import ERROR_CODE_HEADER
 
 from gateway import frames, lifecycle_frames, members, metrics, reauth, userstate
@@ -37,7 +40,7 @@ class Deps:
     js: JetStreamContext
     hub: Hub
     settings: GatewaySettings
-    publisher: JetStreamPublisher  # durable sends (publish_durably)
+    publisher: JetStreamPublisher  # durable sends (send_event)
     scope: PresenceScope | None = None  # scoped presence (gateway/scope.py)
     auth: Authenticator | None = None  # for `auth` frames (gateway.reauth)
 
@@ -59,11 +62,11 @@ async def handle_raw(raw: str | bytes, session: Session, deps: Deps) -> int | No
     try:
         frame = frames.parse(raw)
     except FrameError as exc:
-        metrics.frames_in("invalid").inc()
+        metrics.frames_in("invalid").value += 1
         _refuse(session, exc)
         return None
     kind = frame["type"]
-    metrics.frames_in(kind).inc()
+    metrics.frames_in(kind).value += 1
     if kind in frames.WRITE_LIMITED_TYPES:
         bucket: TokenBucket | None = session.bucket
     elif kind in frames.READ_LIMITED_TYPES:
@@ -132,7 +135,7 @@ async def handle_send(frame: dict[str, Any], session: Session, deps: Deps) -> No
         raise FrameError("not_joined", f"join {room!r} before sending to it", cid)
     msg = _new_message(session.user, content, cid, room=room)
     msg.reply_to = _reply_to_of(frame, cid)
-    await session.start_send(_send_durably(msg, names.room_subject(room), session, deps))
+    await send_event(msg, names.room_subject(room), session, deps)
 
 
 async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None:
@@ -146,7 +149,7 @@ async def handle_dm(frame: dict[str, Any], session: Session, deps: Deps) -> None
         deps.scope.watch(session, peer)  # a DM peer's presence is worth seeing
     msg.reply_to = _reply_to_of(frame, cid)
     subject = names.dm_subject(session.user, peer)
-    await session.start_send(_send_durably(msg, subject, session, deps))
+    await send_event(msg, subject, session, deps)
 
 
 def _reply_to_of(frame: dict[str, Any], cid: str) -> str:
@@ -173,67 +176,124 @@ def _new_message(
     )
 
 
-async def _send_durably(msg: pb.ChatMessage, subject: str, session: Session, deps: Deps) -> None:
-    """publish_durably run beside the socket's receive loop (Session.start_send): the
-    client's next frames are handled while this one waits for its PubAck."""
-    await send_event(msg, subject, session, deps)
-
-
 async def send_event(msg: ChatEvent, subject: str, session: Session, deps: Deps) -> None:
-    """_send_durably for any event on a chat subject (edits, deletes, reactions too)."""
-    try:
-        await publish_durably(msg, subject, session, deps)
-    except FrameError as exc:
-        _refuse(session, exc)
+    """Publish a message (or an edit, delete, reaction) durably; the client's next frames
+    are handled while it waits for its PubAck, which a callback answers (_on_pub_ack):
+    no task per send. Waits while the socket has MAX_SENDS_IN_FLIGHT sends out.
 
-
-async def publish_durably(msg: ChatEvent, subject: str, session: Session, deps: Deps) -> None:
-    """Ack only after JetStream stored it. The client_id is an idempotency key (see
+    Ack only after JetStream stored it. The client_id is an idempotency key (see
     chatlib.idempotency): a retry of the same request (any gateway, within the duplicate
     window) is acked with the original's id, seq and time and `duplicate: true`; the same
     key with another target or content gets idempotency_conflict and no ack."""
-    payload, headers = codec.encode(msg)
-    key = headers[names.HEADER_MSG_ID] = names.dedup_id(msg.sender, msg.client_id, msg.id)
-    check = deps.settings.idempotency_check
-    expected = ""
-    if check:
-        expected = headers[names.HEADER_REQUEST_HASH] = message_events.fingerprint(msg)
-    # Its live copy may come back before the PubAck: remember it first.
-    deps.hub.published(key, payload, msg)
+    await session.send_started()
     try:
-        ack = await deps.publisher.publish(subject, payload, headers, stream=names.STREAM_CHAT)
-        msg_id, ts = msg.id, msg.ts_ms
-        if ack.duplicate:
-            # JetStream stored nothing and republished nothing: no live copy comes back.
-            deps.hub.forget(key, payload)
-            stored = await deps.js.get_msg(names.STREAM_CHAT, ack.seq)
+        payload, headers = codec.encode(msg)
+        key = headers[names.HEADER_MSG_ID] = names.dedup_id(msg.sender, msg.client_id, msg.id)
+        expected = ""
+        if deps.settings.idempotency_check:
+            expected = headers[names.HEADER_REQUEST_HASH] = message_events.fingerprint(msg)
+        # Its live copy may come back before the PubAck: remember it first.
+        deps.hub.published(key, payload, msg)
+        try:
+            pending = await deps.publisher.submit(
+                subject, payload, headers, stream=names.STREAM_CHAT
+            )
+        except Exception as exc:
+            raise _not_stored(msg, exc) from exc
+    except BaseException:
+        session.send_done()
+        raise
+    pending.add_done_callback(
+        functools.partial(_on_pub_ack, _Send(msg, key, payload, expected, session, deps))
+    )
+
+
+@dataclass(slots=True)
+class _Send:
+    """A durable send waiting for its PubAck."""
+
+    msg: ChatEvent
+    key: str  # Nats-Msg-Id
+    payload: bytes
+    expected: str  # its request hash; "" when the idempotency check is off
+    session: Session
+    deps: Deps
+
+
+def _on_pub_ack(send: _Send, pending: asyncio.Future[PubAck]) -> None:
+    session = send.session
+    try:
+        ack = pending.result()
+    except BaseException as exc:  # an error of JetStream or NATS, a timeout, stop()
+        session.send_done()
+        _refuse(session, _not_stored(send.msg, exc))
+        return
+    if ack.duplicate:
+        # JetStream stored nothing and republished nothing: no live copy comes back.
+        send.deps.hub.forget(send.key, send.payload)
+        task = asyncio.create_task(_answer_duplicate(send, ack.seq))
+        _DUPLICATES.add(task)
+        task.add_done_callback(_DUPLICATES.discard)
+        return
+    msg = send.msg
+    try:
+        session.push(_ack_frame(msg.client_id, msg.id, ack.seq, msg.ts_ms))
+    finally:
+        session.send_done()  # whatever happens, the socket's count stays true
+
+
+# Replies to duplicate sends being looked up (a reference keeps each task alive).
+_DUPLICATES: set[asyncio.Task[None]] = set()
+
+
+async def _answer_duplicate(send: _Send, seq: int) -> None:
+    """A retry: ack it with the original's id and time if it is the same request, else
+    idempotency_conflict (chatlib.idempotency). Keeps the send counted until answered."""
+    msg, session = send.msg, send.session
+    try:
+        try:
+            stored = await send.deps.js.get_msg(names.STREAM_CHAT, seq)
             data = stored.data or b""
-            if check and message_events.stored_fingerprint(data, stored.headers) != expected:
+            if (
+                send.expected
+                and message_events.stored_fingerprint(data, stored.headers) != send.expected
+            ):
                 raise idempotency.IdempotencyConflict(msg.client_id)
             original = message_events.decode_chat(data, stored.headers)
-            msg_id, ts = original.id, original.ts_ms
-    except idempotency.IdempotencyConflict as exc:
-        metrics.IDEMPOTENCY_CONFLICTS.inc()
-        raise FrameError("idempotency_conflict", str(exc), msg.client_id) from exc
-    except Exception as exc:
-        metrics.SEND_FAILURES.inc()
-        log.warning("send not durable: %s", exc, extra={"user": msg.sender})
-        raise FrameError(
-            "send_failed",
-            "the message could not be stored; retry with the same client_id",
-            msg.client_id,
-        ) from exc
+        except idempotency.IdempotencyConflict as exc:
+            metrics.IDEMPOTENCY_CONFLICTS.inc()
+            raise FrameError("idempotency_conflict", str(exc), msg.client_id) from exc
+        except Exception as exc:
+            raise _not_stored(msg, exc) from exc
+        metrics.DUPLICATE_SENDS.inc()
+        session.push(_ack_frame(msg.client_id, original.id, seq, original.ts_ms, duplicate=True))
+    except FrameError as exc:
+        _refuse(session, exc)
+    finally:
+        session.send_done()
+
+
+def _not_stored(msg: ChatEvent, exc: BaseException) -> FrameError:
+    metrics.SEND_FAILURES.inc()
+    log.warning("send not durable: %s", exc, extra={"user": msg.sender})
+    return FrameError(
+        "send_failed",
+        "the message could not be stored; retry with the same client_id",
+        msg.client_id,
+    )
+
+
+def _ack_frame(client_id: str, msg_id: str, seq: int, ts: int, duplicate: bool = False) -> str:
     ack_frame: dict[str, Any] = {
         "type": "ack",
-        "client_id": msg.client_id,
+        "client_id": client_id,
         "id": msg_id,
-        "seq": ack.seq,
+        "seq": seq,
         "ts": ts,
     }
-    if ack.duplicate:
-        metrics.DUPLICATE_SENDS.inc()
+    if duplicate:  # optional fields are set as ack_frame[...] (tests/test_docs.py finds them)
         ack_frame["duplicate"] = True
-    session.push(frames.dumps(ack_frame))
+    return frames.dumps(ack_frame)
 
 
 # --- history -----------------------------------------------------------------------------

@@ -113,7 +113,7 @@ async def handle_edit(frame: dict[str, Any], session: Session, deps: Deps) -> No
         id=ids.new_id(), message_id=info.id, room=room, dm_peer=peer, sender=session.user,
         content=content, ts_ms=now, client_id=cid,
     )  # fmt: skip
-    await session.start_send(handlers.send_event(event, subject, session, deps))
+    await handlers.send_event(event, subject, session, deps)
 
 
 async def handle_delete(frame: dict[str, Any], session: Session, deps: Deps) -> None:
@@ -129,7 +129,7 @@ async def handle_delete(frame: dict[str, Any], session: Session, deps: Deps) -> 
         id=ids.new_id(), message_id=info.id, room=room, dm_peer=peer, sender=session.user,
         ts_ms=int(time.time() * 1000), client_id=cid, operator=as_operator,
     )  # fmt: skip
-    await session.start_send(handlers.send_event(event, subject, session, deps))
+    await handlers.send_event(event, subject, session, deps)
 
 
 async def handle_react(frame: dict[str, Any], session: Session, deps: Deps) -> None:
@@ -146,7 +146,7 @@ async def handle_react(frame: dict[str, Any], session: Session, deps: Deps) -> N
         id=ids.new_id(), message_id=info.id, room=room, dm_peer=peer, sender=session.user,
         emoji=str(emoji), removed=remove, ts_ms=int(time.time() * 1000), client_id=cid,
     )  # fmt: skip
-    await session.start_send(handlers.send_event(event, subject, session, deps))
+    await handlers.send_event(event, subject, session, deps)
 
 
 async def handle_search(frame: dict[str, Any], session: Session, deps: Deps) -> None:

@@ -9,7 +9,9 @@ two would lose 21 for it for good.
 The fix rests on one fact: NATS sends our messages over one socket in stream order, and
 nats-py queues each one as it reads it. So once every subscription's queue is empty,
 everything read so far has reached us, and ordering what we hold by seq is stream order.
-The subscription callbacks only file messages here; one task hands them on.
+The subscription callbacks only file messages here; one task hands them on. On the
+services' client (chatlib.nats_client.subscribe_handler) they file each message as it is
+read, so those subscriptions' queues stay empty and the rule holds all the more.
 """
 
 from __future__ import annotations

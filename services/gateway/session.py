@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatlib import ids
@@ -119,6 +119,7 @@ class Session:
         "_replayed_ahead",
         "_replayed_max",
         "_send",
+        "_send_waiters",
         "_writer",
         "abuse",
         "bucket",
@@ -165,8 +166,10 @@ class Session:
         self.closing = False
         self.close_code: int | None = None
         self._closer: asyncio.Task[None] | None = None
-        # Durable sends in flight; made at the first send (an idle socket keeps no set).
-        self.sends: set[asyncio.Task[None]] | None = None
+        # Durable sends waiting for JetStream (counted by send_started/send_done), and
+        # who waits for one of them to end (None: nobody; an idle socket keeps no list).
+        self.sends = 0
+        self._send_waiters: list[asyncio.Future[None]] | None = None
         # The token (see gateway.reauth): when it expires, and the guest name reservation
         # it is bound to ("" unless guest mode). `auth` frames move expires_at on.
         self.expires_at = 0.0
@@ -268,20 +271,32 @@ class Session:
             self._writer = None
 
     # --- durable sends in flight ----------------------------------------------------------
-    async def start_send(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a send concurrently with the next frames; waits while too many are in flight."""
-        if self.sends is None:
-            self.sends = set()
-        sends = self.sends
-        while len(sends) >= MAX_SENDS_IN_FLIGHT:
-            await asyncio.wait(sends, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.create_task(work)
-        sends.add(task)
-        task.add_done_callback(sends.discard)
+    # A send is not a task: its publish goes out from the receive loop and a callback on
+    # its PubAck answers the client (gateway.handlers.send_event). Only the count is kept
+    # here, to bound it per socket and to let a closing socket wait for its acks.
+    async def send_started(self) -> None:
+        """Count a send in flight; waits while MAX_SENDS_IN_FLIGHT are."""
+        while self.sends >= MAX_SENDS_IN_FLIGHT:
+            await self._a_send_done()
+        self.sends += 1
+
+    def send_done(self) -> None:
+        self.sends -= 1
+        waiters, self._send_waiters = self._send_waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _a_send_done(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._send_waiters is None:
+            self._send_waiters = []
+        self._send_waiters.append(waiter)
+        await waiter
 
     async def settle_sends(self) -> None:
-        if self.sends:
-            await asyncio.wait(set(self.sends))
+        while self.sends:
+            await self._a_send_done()
 
     # --- closing ------------------------------------------------------------------------
     def close_soon(self, code: int, reason: str) -> None:
