@@ -132,7 +132,11 @@ class PresenceScope:
             if room == LOBBY:
                 seen.update(online)
             else:
-                seen.update(u for u in self.roster.members.get(room, ()) if u in online)
+                # Set intersection runs in C over the smaller set (a room's members):
+                # this is per hello, for each of the user's rooms.
+                members = self.roster.members.get(room)
+                if members:
+                    seen |= members & online
         seen.discard(session.user)
         bounded = sorted(seen)[: max(0, self.settings.welcome_online_max - 1)]
         return sorted([session.user, *bounded])
