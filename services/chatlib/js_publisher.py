@@ -16,6 +16,9 @@ enough such failures every publish stalls. Hence this module.
 
 The outcomes are `js.publish`'s: a `PubAck`, `APIError` (the stream refused it),
 `NoStreamResponseError` (no stream listens on the subject), `nats.errors.TimeoutError`.
+
+`request` is a core request on the same machinery (the hello's user-state request):
+the reply, or the `NoRespondersError` / `TimeoutError` that `nc.request` raises.
 """
 
 from __future__ import annotations
@@ -78,10 +81,11 @@ class JetStreamPublisher:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._next_token = 0
-        self._waiting: dict[str, asyncio.Future[api.PubAck]] = {}
+        # token -> the future of its reply (the raw message: publish reads it as a PubAck).
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
         # (deadline, token, future) in publish order: with one timeout for all, deadlines
         # only grow, so the sweep looks at the front only.
-        self._deadlines: deque[tuple[float, str, asyncio.Future[api.PubAck]]] = deque()
+        self._deadlines: deque[tuple[float, str, asyncio.Future[Msg]]] = deque()
         self._sweep_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -118,6 +122,27 @@ class JetStreamPublisher:
         """Publish and wait for the PubAck; `stream` makes JetStream refuse to store it in
         any other stream (Nats-Expected-Stream, added to `headers` as js.publish does).
         Waits at most the timeout for a slot, then at most the timeout for the PubAck."""
+        if stream is not None:
+            if headers is None:
+                headers = {}
+            headers[api.Header.EXPECTED_STREAM] = stream
+        reply = await self._send(subject, payload, headers)
+        if reply.headers and reply.headers.get(_STATUS) == _NO_RESPONDERS:
+            raise NoStreamResponseError()
+        return parse_pub_ack(reply.data)  # or the APIError the reply carries
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """A core NATS request on the same reply subscription (what `nc.request` does,
+        without a new inbox token, future timer and task per request): the reply, or
+        nats.errors.NoRespondersError / nats.errors.TimeoutError as nc.request raises."""
+        reply = await self._send(subject, payload, headers)
+        if reply.headers and reply.headers.get(_STATUS) == _NO_RESPONDERS:
+            raise nats.errors.NoRespondersError()
+        return reply
+
+    async def _send(self, subject: str, payload: bytes, headers: dict[str, str] | None) -> Msg:
         if self._sub is None:
             raise nats.errors.ConnectionClosedError()
         loop = asyncio.get_running_loop()
@@ -129,13 +154,9 @@ class JetStreamPublisher:
         else:
             await self._slots.acquire()  # returns at once
         try:
-            if stream is not None:
-                if headers is None:
-                    headers = {}
-                headers[api.Header.EXPECTED_STREAM] = stream
             self._next_token += 1
             token = str(self._next_token)
-            future: asyncio.Future[api.PubAck] = loop.create_future()
+            future: asyncio.Future[Msg] = loop.create_future()
             self._waiting[token] = future
             try:
                 await self._nc.publish(
@@ -156,14 +177,7 @@ class JetStreamPublisher:
         future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
         if future is None or future.done():
             return  # timed out (or its publisher gave up) before the reply came
-        headers = msg.headers
-        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
-            future.set_exception(NoStreamResponseError())
-            return
-        try:
-            future.set_result(parse_pub_ack(msg.data))
-        except Exception as exc:  # an APIError, or a reply that is not a PubAck
-            future.set_exception(exc)
+        future.set_result(msg)
 
     def _sweep(self) -> None:
         """Fail the publishes past their deadline, drop the settled ones from the front."""
