@@ -78,6 +78,12 @@ class Store:
         says "nothing to do", is settled on a fresh read. Returns True if a write landed.
         """
         guess = self.mirror.user(user)
+        if guess is None and self.mirror.loaded:
+            # No key as far as the mirror knows (a new user, or one whose idle key was
+            # collected): guess "no state, revision 0" and write it as a create. A key
+            # that exists after all (the mirror is behind) fails the compare-and-set and
+            # is read then; the usual first connection of a user costs no read.
+            guess = (UserState(), 0)
         fresh = guess is None
         state, revision = guess if guess is not None else await self.read_user(user)
         for _ in range(MAX_ATTEMPTS):
