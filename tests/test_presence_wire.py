@@ -84,3 +84,12 @@ def test_what_the_event_reader_accepts_the_codec_reads_the_same(data: bytes) -> 
         return
     event = codec.decode_as(pb.UserOnline, data)
     assert (event.user, event.ts_ms) == mine
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, texts, texts, int64s, st.sampled_from([pb.ConnectionOpened, pb.ConnectionClosed]))
+def test_connection_reports_are_encoded_as_betterproto_does(
+    gateway: str, connection: str, user: str, ts_ms: int, cls: type
+) -> None:
+    data = presence_wire.encode_connection_event(gateway, connection, user, ts_ms)
+    assert data == bytes(cls(gateway_id=gateway, connection_id=connection, user=user, ts_ms=ts_ms))

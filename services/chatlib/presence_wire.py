@@ -5,6 +5,8 @@ chatlib.wire for the same reasoning on messages).
 
 - `encode_connection` once per connection (when it opens), then `encode_heartbeat` joins
   the stored pieces: byte for byte what `bytes(pb.Heartbeat(...))` writes.
+- `encode_connection_event`: a ConnectionOpened / ConnectionClosed (same layout), one
+  of each per socket.
 - `parse_user_event`: the user of a UserOnline / UserOffline (same layout), which every
   gateway reads once per transition.
 - `parse_heartbeat`: reads the canonical encoding (fields in order, connections as one
@@ -43,6 +45,19 @@ def encode_connection(connection_id: str, user: str) -> bytes:
     if user:
         body += _string(b"\x12", user)
     return _CONNECTION_KEY + _varint(len(body)) + body
+
+
+def encode_connection_event(gateway_id: str, connection_id: str, user: str, ts_ms: int) -> bytes:
+    """A ConnectionOpened or ConnectionClosed (same fields): byte for byte what
+    betterproto2 writes, without its per-field walk (one of each per socket)."""
+    out = _string(b"\x0a", gateway_id) if gateway_id else b""
+    if connection_id:
+        out += _string(b"\x12", connection_id)
+    if user:
+        out += _string(b"\x1a", user)
+    if ts_ms:
+        out += b"\x20" + _varint(ts_ms if ts_ms >= 0 else ts_ms + (1 << 64))
+    return out
 
 
 def encode_heartbeat(gateway_id: str, connections: Iterable[bytes], ts_ms: int) -> bytes:
