@@ -119,6 +119,38 @@ def parse_heartbeat(data: bytes) -> Heartbeat | None:
     return Heartbeat(gateway_id, connections, ts_ms)
 
 
+class ConnectionEvent(NamedTuple):
+    """A ConnectionOpened or ConnectionClosed, read by parse_connection_event."""
+
+    gateway_id: str = ""
+    connection_id: str = ""
+    user: str = ""
+    ts_ms: int = 0
+
+
+def parse_connection_event(data: bytes) -> ConnectionEvent | None:
+    """A canonically encoded ConnectionOpened / ConnectionClosed (fields in order, each
+    at most once, no defaults written), else None: the codec judges it then."""
+    values: list[str | int] = ["", "", "", 0]
+    pos, end, last_key = 0, len(data), 0
+    while pos < end:
+        key = data[pos]
+        if key <= last_key or key not in (0x0A, 0x12, 0x1A, 0x20):
+            return None
+        last_key = key
+        if key == 0x20:
+            read_ts = _ts(data, pos + 1, end)
+            if read_ts is None:
+                return None
+            values[3], pos = read_ts
+        else:
+            read = _read_text(data, pos + 1, end)
+            if read is None:
+                return None
+            values[(key >> 3) - 1], pos = read  # field number - 1
+    return ConnectionEvent(*values)  # type: ignore[arg-type]
+
+
 def _ts(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
     read = _read_varint(data, pos, end)
     if read is None or read[0] == 0 or read[0] >= 1 << 64:

@@ -72,12 +72,20 @@ class PresenceService:
             await nc.subscribe(
                 names.PRESENCE_CONN_OPENED,
                 queue=names.QUEUE_PRESENCE,
-                cb=self._on(pb.ConnectionOpened, lambda m: handlers.handle_opened(m, store)),
+                cb=self._on(
+                    pb.ConnectionOpened,
+                    lambda m: handlers.handle_opened(m, store),
+                    fast=presence_wire.parse_connection_event,
+                ),
             ),
             await nc.subscribe(
                 names.PRESENCE_CONN_CLOSED,
                 queue=names.QUEUE_PRESENCE,
-                cb=self._on(pb.ConnectionClosed, lambda m: handlers.handle_closed(m, store)),
+                cb=self._on(
+                    pb.ConnectionClosed,
+                    lambda m: handlers.handle_closed(m, store),
+                    fast=presence_wire.parse_connection_event,
+                ),
             ),
             await nc.subscribe(
                 names.PRESENCE_HEARTBEAT_ALL,
