@@ -112,3 +112,9 @@ def test_what_the_report_reader_accepts_the_codec_reads_the_same(data: bytes) ->
         return
     slow = codec.decode_as(pb.ConnectionOpened, data)
     assert fast == (slow.gateway_id, slow.connection_id, slow.user, slow.ts_ms)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, int64s, st.sampled_from([pb.UserOnline, pb.UserOffline]))
+def test_user_events_are_encoded_as_betterproto_does(user: str, ts_ms: int, cls: type) -> None:
+    assert presence_wire.encode_user_event(user, ts_ms) == bytes(cls(user=user, ts_ms=ts_ms))

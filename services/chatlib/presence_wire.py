@@ -5,10 +5,10 @@ chatlib.wire for the same reasoning on messages).
 
 - `encode_connection` once per connection (when it opens), then `encode_heartbeat` joins
   the stored pieces: byte for byte what `bytes(pb.Heartbeat(...))` writes.
-- `encode_connection_event`: a ConnectionOpened / ConnectionClosed (same layout), one
-  of each per socket.
-- `parse_user_event`: the user of a UserOnline / UserOffline (same layout), which every
-  gateway reads once per transition.
+- `encode_connection_event` / `parse_connection_event`: a ConnectionOpened /
+  ConnectionClosed (same layout), one of each per socket.
+- `encode_user_event` / `parse_user_event`: a UserOnline / UserOffline (same layout),
+  which presence writes and every gateway reads once per transition.
 - `parse_heartbeat`: reads the canonical encoding (fields in order, connections as one
   run, no defaults written, minimal varints, valid UTF-8) into plain tuples with the same
   attribute names; None for anything else, so the caller falls back to the codec.
@@ -57,6 +57,15 @@ def encode_connection_event(gateway_id: str, connection_id: str, user: str, ts_m
         out += _string(b"\x1a", user)
     if ts_ms:
         out += b"\x20" + _varint(ts_ms if ts_ms >= 0 else ts_ms + (1 << 64))
+    return out
+
+
+def encode_user_event(user: str, ts_ms: int) -> bytes:
+    """A UserOnline or UserOffline (same fields): byte for byte betterproto2's output
+    (presence writes one per transition)."""
+    out = _string(b"\x0a", user) if user else b""
+    if ts_ms:
+        out += b"\x10" + _varint(ts_ms if ts_ms >= 0 else ts_ms + (1 << 64))
     return out
 
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from chatlib import codec, names
+from chatlib import codec, names, presence_wire
 from chatlib.js_publisher import JetStreamPublisher
 from chatlib.proto.chat import v1 as pb
 from nats.js import JetStreamContext, api
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Far more than two replicas ever collide on one user; a bound keeps a bug from spinning.
 MAX_ATTEMPTS = 50
+_USER_ONLINE = codec.type_name_of(pb.UserOnline)
+_USER_OFFLINE = codec.type_name_of(pb.UserOffline)
 # How long a write through the publisher waits for its PubAck: js.publish's default.
 WRITE_TIMEOUT = 5.0
 # The JetStream errors nats-py's kv.update turns into KeyWrongLastSequenceError.
@@ -222,17 +224,13 @@ class Store:
         return max(found, default=-1)
 
     async def publish_event(self, user: str, event: PendingEvent) -> None:
-        message: pb.UserOnline | pb.UserOffline
         if event.kind == "online":
-            message, subject = (
-                pb.UserOnline(user=user, ts_ms=event.ts_ms),
-                names.online_subject(user),
-            )
+            subject, type_name = names.online_subject(user), _USER_ONLINE
         else:
-            message = pb.UserOffline(user=user, ts_ms=event.ts_ms)
-            subject = names.offline_subject(user)
-        payload, headers = codec.encode(message)
-        headers[names.HEADER_MSG_ID] = event.event_id
+            subject, type_name = names.offline_subject(user), _USER_OFFLINE
+        # Byte for byte codec.encode(pb.UserOnline / UserOffline(...)) (presence_wire).
+        payload = presence_wire.encode_user_event(user, event.ts_ms)
+        headers = {names.HEADER_TYPE: type_name, names.HEADER_MSG_ID: event.event_id}
         if self.publisher is not None:
             ack = await self.publisher.publish(subject, payload, headers)
         else:
