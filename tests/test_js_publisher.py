@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import nats.errors
 import pytest
-from chatlib import js_publisher
+from chatlib import js_publisher, names
 from chatlib.js_publisher import JetStreamPublisher, parse_pub_ack
 from devtools.servers import NatsServer
 from nats.aio.client import Client as NATS
@@ -134,6 +134,48 @@ async def test_a_subject_no_stream_stores_raises_no_stream_response(
     with pytest.raises(NoStreamResponseError):
         await publisher.publish("nostream.a", b"x")
     assert publisher.in_flight == 0
+
+
+# --- core requests on the same reply subscription, pinned to nc.request ------------------
+async def test_a_request_gets_the_reply_nc_request_gets(
+    nc: NATS, publisher: JetStreamPublisher
+) -> None:
+    async def echo(msg: Msg) -> None:
+        assert msg.reply
+        await nc.publish(
+            msg.reply, b"re:" + msg.data, headers={"Kind": (msg.headers or {})["Kind"]}
+        )
+
+    await nc.subscribe("echo.a", cb=echo)
+    await nc.flush()
+    ours = await publisher.request("echo.a", b"x", {"Kind": "k"})
+    theirs = await nc.request("echo.a", b"x", headers={"Kind": "k"}, timeout=2)
+    assert (ours.data, ours.headers) == (theirs.data, theirs.headers) == (b"re:x", {"Kind": "k"})
+    assert publisher.in_flight == 0
+
+
+async def test_a_request_nobody_listens_to_raises_no_responders_as_nc_request_does(
+    nc: NATS, publisher: JetStreamPublisher
+) -> None:
+    with pytest.raises(nats.errors.NoRespondersError):
+        await nc.request("nobody.a", b"x", timeout=2)
+    with pytest.raises(nats.errors.NoRespondersError):
+        await publisher.request("nobody.a", b"x")
+    assert publisher.in_flight == 0
+
+
+async def test_an_unanswered_request_times_out_and_frees_its_slot(nc: NATS) -> None:
+    await _silent_responder(nc, "silent.r")
+    pub = JetStreamPublisher(nc, timeout=0.3, max_in_flight=1)
+    await pub.start()
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await pub.request("silent.r", b"x")
+        assert pub.in_flight == 0
+        with pytest.raises(nats.errors.TimeoutError):  # the slot came back
+            await pub.request("silent.r", b"y")
+    finally:
+        await pub.stop()
 
 
 async def _silent_responder(nc: NATS, subject: str) -> None:
@@ -302,3 +344,15 @@ async def test_on_the_services_client_pub_acks_are_read_without_a_task(
     finally:
         await pub.stop()
         await ours.close()
+
+
+async def test_a_kv_key_written_through_the_publisher_is_what_kv_put_writes(
+    js: JetStreamContext, publisher: JetStreamPublisher
+) -> None:
+    """The gateway's roster writes memberships this way (names.kv_subject): the key must
+    read back through nats-py's KeyValue as if kv.put had written it."""
+    kv = await js.create_key_value(bucket="kvpub")
+    ack = await publisher.publish(names.kv_subject("kvpub", "r1.alice"), b"1")
+    entry = await kv.get("r1.alice")
+    assert (entry.value, entry.revision) == (b"1", ack.seq)
+    assert await kv.put("r1.alice", b"1") == ack.seq + 1  # the same key's next revision

@@ -84,3 +84,37 @@ def test_what_the_event_reader_accepts_the_codec_reads_the_same(data: bytes) -> 
         return
     event = codec.decode_as(pb.UserOnline, data)
     assert (event.user, event.ts_ms) == mine
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, texts, texts, int64s, st.sampled_from([pb.ConnectionOpened, pb.ConnectionClosed]))
+def test_connection_reports_are_encoded_as_betterproto_does(
+    gateway: str, connection: str, user: str, ts_ms: int, cls: type
+) -> None:
+    data = presence_wire.encode_connection_event(gateway, connection, user, ts_ms)
+    assert data == bytes(cls(gateway_id=gateway, connection_id=connection, user=user, ts_ms=ts_ms))
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, texts, texts, int64s, st.sampled_from([pb.ConnectionOpened, pb.ConnectionClosed]))
+def test_connection_reports_are_read_as_betterproto_does(
+    gateway: str, connection: str, user: str, ts_ms: int, cls: type
+) -> None:
+    data = bytes(cls(gateway_id=gateway, connection_id=connection, user=user, ts_ms=ts_ms))
+    assert presence_wire.parse_connection_event(data) == (gateway, connection, user, ts_ms)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40))
+def test_what_the_report_reader_accepts_the_codec_reads_the_same(data: bytes) -> None:
+    fast = presence_wire.parse_connection_event(data)
+    if fast is None:
+        return
+    slow = codec.decode_as(pb.ConnectionOpened, data)
+    assert fast == (slow.gateway_id, slow.connection_id, slow.user, slow.ts_ms)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, int64s, st.sampled_from([pb.UserOnline, pb.UserOffline]))
+def test_user_events_are_encoded_as_betterproto_does(user: str, ts_ms: int, cls: type) -> None:
+    assert presence_wire.encode_user_event(user, ts_ms) == bytes(cls(user=user, ts_ms=ts_ms))

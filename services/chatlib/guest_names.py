@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -55,20 +56,24 @@ class GuestNames:
         self.js, self.kv = js, kv
         self.hold_seconds, self.replicas = hold_seconds, replicas
         self._task: asyncio.Task[None] | None = None
-        # name -> (holder, when we last wrote the hold): a hold written less than a
-        # refresh interval ago cannot have lapsed, so a reconnect or a second tab of
-        # the same guest needs no round trip to JetStream.
-        self._confirmed: dict[str, tuple[str, float]] = {}
+        # name -> (holder, when we last wrote the hold, its revision then): a hold
+        # written less than a refresh interval ago cannot have lapsed, so a reconnect or
+        # a second tab of the same guest needs no round trip to JetStream; an older one
+        # is rewritten on that revision in one step (no read first) while nobody else
+        # wrote the key since.
+        self._confirmed: dict[str, tuple[str, float, int]] = {}
 
     async def reserve(self, name: str, holder: str) -> None:
         """Hold `name` for `holder` (new or refreshed); NameTaken if another holds it."""
         known = self._confirmed.get(name)
+        last = 0
         if known is not None and known[0] == holder:
             if time.monotonic() - known[1] < self.hold_seconds / REFRESHES_PER_HOLD:
                 return
+            last = known[2]
         written = time.monotonic()
         try:
-            await self._write(name, holder)
+            revision = await self._write(name, holder, last)
         except (NameTaken, KeyWrongLastSequenceError):
             raise
         except Exception as exc:
@@ -76,26 +81,33 @@ class GuestNames:
             # make it again once, then try again. Other trouble propagates (fail closed).
             log.info("guest names bucket unusable (%s): provisioning it again", exc)
             self.kv = await ensure_bucket(self.js, self.hold_seconds, self.replicas)
-            await self._write(name, holder)
-        self._confirmed[name] = (holder, written)
+            revision = await self._write(name, holder)
+        self._confirmed[name] = (holder, written, revision)
 
-    async def _write(self, name: str, holder: str) -> None:
+    async def _write(self, name: str, holder: str, last: int = 0) -> int:
+        """Hold `name` for `holder`; returns the revision written. `last`: the revision
+        of our own last write of this hold, if any."""
         value = holder.encode()
+        if last:
+            try:
+                # Still our write (nobody wrote the key since, it did not lapse): the
+                # value is ours, rewrite it without reading it first.
+                return await self.kv.update(name, value, last=last)
+            except KeyWrongLastSequenceError:
+                pass  # written since (or lapsed): look at it as for any hold
         for _ in range(CLAIM_ATTEMPTS):
             try:
                 entry = await self.kv.get(name)
             except KeyNotFoundError:  # free (never held, lapsed, or deleted)
                 try:
-                    await self.kv.create(name, value)
-                    return
+                    return await self.kv.create(name, value)
                 except KeyWrongLastSequenceError:
                     continue  # taken a moment ago: look again
             if entry.value != value:
                 raise NameTaken(name)
             try:
                 # Rewriting the same value restarts the max-age clock.
-                await self.kv.update(name, value, last=entry.revision)
-                return
+                return await self.kv.update(name, value, last=entry.revision)
             except KeyWrongLastSequenceError:
                 continue  # another gateway refreshed it at the same time: look again
         raise NameTaken(name)
@@ -120,8 +132,15 @@ class GuestNames:
         interval = self.hold_seconds / REFRESHES_PER_HOLD
         while True:
             await asyncio.sleep(interval)
-            self._confirmed.clear()  # forget names nobody here uses any more
-            for name, holder in set(live_holds()):
+            live = set(live_holds())
+            # Forget names nobody here uses any more; the others are due (their write
+            # time is cleared) and keep their revision for a one-step rewrite.
+            self._confirmed = {
+                name: (holder, -math.inf, revision)
+                for name, (holder, _, revision) in self._confirmed.items()
+                if (name, holder) in live
+            }
+            for name, holder in live:
                 try:
                     await self.reserve(name, holder)
                 except NameTaken:

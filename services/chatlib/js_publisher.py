@@ -16,6 +16,9 @@ enough such failures every publish stalls. Hence this module.
 
 The outcomes are `js.publish`'s: a `PubAck`, `APIError` (the stream refused it),
 `NoStreamResponseError` (no stream listens on the subject), `nats.errors.TimeoutError`.
+
+`request` is a core request on the same machinery (the hello's user-state request):
+the reply, or the `NoRespondersError` / `TimeoutError` that `nc.request` raises.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import asyncio
 import json
 import re
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -70,6 +75,24 @@ def parse_pub_ack(data: bytes) -> api.PubAck:
     return api.PubAck.from_response(resp)
 
 
+def _read_pub_ack(reply: Msg) -> api.PubAck:
+    """A publish's reply as js.publish reads it."""
+    if reply.headers and reply.headers.get(_STATUS) == _NO_RESPONDERS:
+        raise NoStreamResponseError()
+    return parse_pub_ack(reply.data)  # or the APIError the reply carries
+
+
+def _read_reply(reply: Msg) -> Msg:
+    """A core request's reply as nc.request reads it."""
+    if reply.headers and reply.headers.get(_STATUS) == _NO_RESPONDERS:
+        raise nats.errors.NoRespondersError()
+    return reply
+
+
+# What a waiting token's reply settles: its future, and how the reply is read for it.
+_Waiting = tuple["asyncio.Future[Any]", Callable[[Msg], Any]]
+
+
 class JetStreamPublisher:
     """Publishes to JetStream on one NATS connection; `start` before use, `stop` after."""
 
@@ -82,10 +105,10 @@ class JetStreamPublisher:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._next_token = 0
-        self._waiting: dict[str, asyncio.Future[api.PubAck]] = {}
+        self._waiting: dict[str, _Waiting] = {}
         # (deadline, token, future) in publish order: with one timeout for all, deadlines
         # only grow, so the sweep looks at the front only.
-        self._deadlines: deque[tuple[float, str, asyncio.Future[api.PubAck]]] = deque()
+        self._deadlines: deque[tuple[float, str, asyncio.Future[Any]]] = deque()
         self._sweep_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -112,7 +135,7 @@ class JetStreamPublisher:
             waiter = self._slot_waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(nats.errors.ConnectionClosedError())
-        for future in waiting.values():
+        for future, _ in waiting.values():
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
 
@@ -140,6 +163,28 @@ class JetStreamPublisher:
         many publishes out adds a callback to it rather than running a task per publish
         (a task per durable send was a tenth of the gateway's CPU, issue 18). Errors of
         the hand-over (no slot within the timeout, connection closed) are raised here."""
+        if stream is not None:
+            if headers is None:
+                headers = {}
+            headers[api.Header.EXPECTED_STREAM] = stream
+        return await self._submit(subject, payload, headers, _read_pub_ack)
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+    ) -> Msg:
+        """A core NATS request on the same reply subscription (what `nc.request` does,
+        without a new inbox token, future timer and task per request): the reply, or
+        nats.errors.NoRespondersError / nats.errors.TimeoutError as nc.request raises."""
+        reply: Msg = await (await self._submit(subject, payload, headers, _read_reply))
+        return reply
+
+    async def _submit(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        read: Callable[[Msg], Any],
+    ) -> asyncio.Future[Any]:
         if self._sub is None:
             raise nats.errors.ConnectionClosedError()
         loop = asyncio.get_running_loop()
@@ -148,14 +193,10 @@ class JetStreamPublisher:
         else:  # the window is full: wait for a slot, not forever
             await self._wait_for_slot(loop)
         try:
-            if stream is not None:
-                if headers is None:
-                    headers = {}
-                headers[api.Header.EXPECTED_STREAM] = stream
             self._next_token += 1
             token = str(self._next_token)
-            future: asyncio.Future[api.PubAck] = loop.create_future()
-            self._waiting[token] = future
+            future: asyncio.Future[Any] = loop.create_future()
+            self._waiting[token] = (future, read)
             reply = self._prefix + token
             try:
                 if not publish_now(self._nc, subject, payload, reply, headers):
@@ -197,19 +238,16 @@ class JetStreamPublisher:
         self._free += 1
 
     def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if future is None:
+        waiting = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if waiting is None:
             return  # timed out before the reply came
         self._release_slot()
+        future, read = waiting
         if future.done():
             return  # its publisher gave up (cancelled) before the reply came
-        headers = msg.headers
-        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
-            future.set_exception(NoStreamResponseError())
-            return
         try:
-            future.set_result(parse_pub_ack(msg.data))
-        except Exception as exc:  # an APIError, or a reply that is not a PubAck
+            future.set_result(read(msg))
+        except Exception as exc:  # an APIError, no responders, a reply that is not a PubAck
             future.set_exception(exc)
 
     def _sweep(self) -> None:

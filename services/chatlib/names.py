@@ -135,6 +135,12 @@ def member_key(room: str, user: str) -> str:
     return f"{room}.{user}"
 
 
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV bucket's key is stored under (what nats-py's KeyValue.put
+    publishes to): for writing a key through a plain JetStream publish."""
+    return f"$KV.{bucket}.{key}"
+
+
 def online_subject(user: str) -> str:
     return f"{PRESENCE_EVENT_ONLINE}.{user}"
 

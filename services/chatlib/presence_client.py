@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 
-import betterproto2
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
@@ -23,6 +22,8 @@ from chatlib.proto.chat import v1 as pb
 
 log = logging.getLogger(__name__)
 
+_OPENED = codec.type_name_of(pb.ConnectionOpened)
+_CLOSED = codec.type_name_of(pb.ConnectionClosed)
 # who_all stops after this many pages: a guard against a service that never ends paging.
 WHO_ALL_MAX_PAGES = 10_000
 
@@ -57,18 +58,22 @@ class PresenceReporter:
     async def opened(self, connection_id: str, user: str) -> None:
         self.connections[connection_id] = user
         self._entries[connection_id] = presence_wire.encode_connection(connection_id, user)
-        message = pb.ConnectionOpened(
-            gateway_id=self.gateway_id, connection_id=connection_id, user=user, ts_ms=now_ms()
-        )
-        await self._publish(names.PRESENCE_CONN_OPENED, message)
+        await self._report(names.PRESENCE_CONN_OPENED, _OPENED, connection_id, user)
 
     async def closed(self, connection_id: str, user: str) -> None:
         self.connections.pop(connection_id, None)
         self._entries.pop(connection_id, None)
-        message = pb.ConnectionClosed(
-            gateway_id=self.gateway_id, connection_id=connection_id, user=user, ts_ms=now_ms()
+        await self._report(names.PRESENCE_CONN_CLOSED, _CLOSED, connection_id, user)
+
+    async def _report(self, subject: str, type_name: str, connection_id: str, user: str) -> None:
+        # Byte for byte bytes(pb.ConnectionOpened / ConnectionClosed(...)) (presence_wire).
+        payload = presence_wire.encode_connection_event(
+            self.gateway_id, connection_id, user, now_ms()
         )
-        await self._publish(names.PRESENCE_CONN_CLOSED, message)
+        try:
+            await self.nc.publish(subject, payload, headers={names.HEADER_TYPE: type_name})
+        except Exception as exc:  # NATS closed or buffer full: the heartbeat repairs it
+            log.warning("presence report on %s failed: %s", subject, exc)
 
     async def beat(self) -> None:
         # Byte for byte bytes(pb.Heartbeat(...)), from the entries stored at open.
@@ -97,13 +102,6 @@ class PresenceReporter:
                 await self.beat()
             except Exception as exc:  # a closed or broken connection must not end the loop
                 log.warning("presence heartbeat failed: %s", exc)
-
-    async def _publish(self, subject: str, message: betterproto2.Message) -> None:
-        payload, headers = codec.encode(message)
-        try:
-            await self.nc.publish(subject, payload, headers=headers)
-        except Exception as exc:  # NATS closed or buffer full: the heartbeat repairs it
-            log.warning("presence report on %s failed: %s", subject, exc)
 
 
 async def who(nc: NATS, after: str = "", limit: int = 1000, timeout: float = 2.0) -> pb.WhoPage:

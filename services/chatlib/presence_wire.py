@@ -5,8 +5,10 @@ chatlib.wire for the same reasoning on messages).
 
 - `encode_connection` once per connection (when it opens), then `encode_heartbeat` joins
   the stored pieces: byte for byte what `bytes(pb.Heartbeat(...))` writes.
-- `parse_user_event`: the user of a UserOnline / UserOffline (same layout), which every
-  gateway reads once per transition.
+- `encode_connection_event` / `parse_connection_event`: a ConnectionOpened /
+  ConnectionClosed (same layout), one of each per socket.
+- `encode_user_event` / `parse_user_event`: a UserOnline / UserOffline (same layout),
+  which presence writes and every gateway reads once per transition.
 - `parse_heartbeat`: reads the canonical encoding (fields in order, connections as one
   run, no defaults written, minimal varints, valid UTF-8) into plain tuples with the same
   attribute names; None for anything else, so the caller falls back to the codec.
@@ -43,6 +45,28 @@ def encode_connection(connection_id: str, user: str) -> bytes:
     if user:
         body += _string(b"\x12", user)
     return _CONNECTION_KEY + _varint(len(body)) + body
+
+
+def encode_connection_event(gateway_id: str, connection_id: str, user: str, ts_ms: int) -> bytes:
+    """A ConnectionOpened or ConnectionClosed (same fields): byte for byte what
+    betterproto2 writes, without its per-field walk (one of each per socket)."""
+    out = _string(b"\x0a", gateway_id) if gateway_id else b""
+    if connection_id:
+        out += _string(b"\x12", connection_id)
+    if user:
+        out += _string(b"\x1a", user)
+    if ts_ms:
+        out += b"\x20" + _varint(ts_ms if ts_ms >= 0 else ts_ms + (1 << 64))
+    return out
+
+
+def encode_user_event(user: str, ts_ms: int) -> bytes:
+    """A UserOnline or UserOffline (same fields): byte for byte betterproto2's output
+    (presence writes one per transition)."""
+    out = _string(b"\x0a", user) if user else b""
+    if ts_ms:
+        out += b"\x10" + _varint(ts_ms if ts_ms >= 0 else ts_ms + (1 << 64))
+    return out
 
 
 def encode_heartbeat(gateway_id: str, connections: Iterable[bytes], ts_ms: int) -> bytes:
@@ -102,6 +126,38 @@ def parse_heartbeat(data: bytes) -> Heartbeat | None:
         else:
             return None
     return Heartbeat(gateway_id, connections, ts_ms)
+
+
+class ConnectionEvent(NamedTuple):
+    """A ConnectionOpened or ConnectionClosed, read by parse_connection_event."""
+
+    gateway_id: str = ""
+    connection_id: str = ""
+    user: str = ""
+    ts_ms: int = 0
+
+
+def parse_connection_event(data: bytes) -> ConnectionEvent | None:
+    """A canonically encoded ConnectionOpened / ConnectionClosed (fields in order, each
+    at most once, no defaults written), else None: the codec judges it then."""
+    values: list[str | int] = ["", "", "", 0]
+    pos, end, last_key = 0, len(data), 0
+    while pos < end:
+        key = data[pos]
+        if key <= last_key or key not in (0x0A, 0x12, 0x1A, 0x20):
+            return None
+        last_key = key
+        if key == 0x20:
+            read_ts = _ts(data, pos + 1, end)
+            if read_ts is None:
+                return None
+            values[3], pos = read_ts
+        else:
+            read = _read_text(data, pos + 1, end)
+            if read is None:
+                return None
+            values[(key >> 3) - 1], pos = read  # field number - 1
+    return ConnectionEvent(*values)  # type: ignore[arg-type]
 
 
 def _ts(data: bytes, pos: int, end: int) -> tuple[int, int] | None:

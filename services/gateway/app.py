@@ -100,7 +100,7 @@ class Gateway:
         await self.user_events.start()
         self.presence = PresenceLink(nc, instance, self.settings)
         await self.presence.start()
-        self.roster = Roster(nc, js, self.settings)
+        self.roster = Roster(nc, js, self.settings, self.publisher)
         self.scope = PresenceScope(self.hub, self.roster, self.settings)
         await self.roster.start()
         self._chat_position = SharedRead(self._read_chat_position)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chatlib import names, presence_client
+from chatlib.js_publisher import JetStreamPublisher
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -38,8 +39,18 @@ MemberAdded = Callable[[str, str], None]
 
 
 class Roster:
-    def __init__(self, nc: NATS, js: JetStreamContext, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        settings: GatewaySettings,
+        publisher: JetStreamPublisher | None = None,
+    ) -> None:
         self.nc, self.js, self.settings = nc, js, settings
+        # Membership writes (two per new user at hello in a busy hour) go through the
+        # shared publisher when given: its PubAcks arrive on one subscription, where
+        # kv.put makes a request (inbox, future, timer task) per write.
+        self.publisher = publisher
         self.members: dict[str, set[str]] = {}  # room -> its members
         self.rooms_of: dict[str, set[str]] = {}  # user -> rooms they are a member of
         self.online: set[str] = set()
@@ -161,8 +172,13 @@ class Roster:
 
     async def _put(self, room: str, user: str) -> None:
         assert self._kv is not None
+        key = names.member_key(room, user)
         try:
-            await self._kv.put(names.member_key(room, user), b"1")
+            if self.publisher is not None:
+                subject = names.kv_subject(names.KV_MEMBERS, key)
+                await self.publisher.publish(subject, b"1")
+            else:
+                await self._kv.put(key, b"1")
         except Exception as exc:  # the next join records it again
             log.warning("membership %s/%s not recorded: %s", room, user, exc)
 

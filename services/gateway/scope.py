@@ -78,16 +78,27 @@ class PresenceScope:
 
     def _push(self, targets: Iterable[Session], user: str, online: bool) -> None:
         frame = ""  # rendered once, for the first session that takes single frames
+        batched, pending_of = self.batched, self._pending
         for session in targets:
             # Presence is a state: a session still answering hello gets it in welcome.
             if session.live_buffer is not None:
                 continue
-            if session in self.batched:
-                self._add_to_batch(session, user, online)
+            if session in batched:
+                # _add_to_batch, inlined: this runs once per change per audience member
+                # (a hundred per user coming online in rooms of a hundred).
+                pending = pending_of.get(session)
+                if pending is None:
+                    pending_of[session] = {user: online}
+                elif pending.get(user, online) != online:
+                    self._add_to_batch(session, user, online)  # a flip: the slow path
+                else:
+                    pending[user] = online
                 continue
             if not frame:
                 frame = presence_frame(user, online)
             session.push(frame)
+        if pending_of and self._flush_timer is None:
+            self._start_flush_timer()
 
     # --- batching ---------------------------------------------------------------------
     def batch(self, session: Session) -> None:
@@ -104,8 +115,11 @@ class PresenceScope:
             pending = self._pending[session] = {}
         pending[user] = online
         if self._flush_timer is None:
-            delay = self.settings.presence_batch_ms / 1000
-            self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush)
+            self._start_flush_timer()
+
+    def _start_flush_timer(self) -> None:
+        delay = self.settings.presence_batch_ms / 1000
+        self._flush_timer = asyncio.get_running_loop().call_later(delay, self.flush)
 
     def flush(self) -> None:
         """Send every pending batch (one frame per session)."""
@@ -132,7 +146,11 @@ class PresenceScope:
             if room == LOBBY:
                 seen.update(online)
             else:
-                seen.update(u for u in self.roster.members.get(room, ()) if u in online)
+                # Set intersection runs in C over the smaller set (a room's members):
+                # this is per hello, for each of the user's rooms.
+                members = self.roster.members.get(room)
+                if members:
+                    seen |= members & online
         seen.discard(session.user)
         bounded = sorted(seen)[: max(0, self.settings.welcome_online_max - 1)]
         return sorted([session.user, *bounded])
@@ -181,8 +199,8 @@ def presence_frame(user: str, online: bool) -> str:
 
 def batch_frame(changes: dict[str, bool]) -> str:
     """Several users' changes in one frame (sorted, each user once)."""
-    online = sorted(u for u, is_online in changes.items() if is_online)
-    offline = sorted(u for u, is_online in changes.items() if not is_online)
+    online = sorted([u for u, is_online in changes.items() if is_online])
+    offline = sorted([u for u, is_online in changes.items() if not is_online])
     return frames.dumps({"type": "presence_batch", "online": online, "offline": offline})
 
 

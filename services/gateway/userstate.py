@@ -244,9 +244,9 @@ async def load_state(deps: Any, user: str, hint_rooms: list[str]) -> HelloState:
     request = pb.UserStateRequest(user=user, rooms=hint_rooms, cap=UNREAD_CAP)
     payload, headers = codec.encode(request)
     try:
-        reply = await deps.nc.request(
-            names.USERSTATE_STATE, payload, timeout=STATE_TIMEOUT, headers=headers
-        )
+        # One per hello: through the shared publisher's reply subscription (no inbox,
+        # timer and task of its own); it times out after settings.request_timeout.
+        reply = await deps.publisher.request(names.USERSTATE_STATE, payload, headers)
     except Exception as exc:  # no archive, NATS trouble: a welcome without counts
         log.info("user state unavailable: %s", exc)
         return HelloState()

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import betterproto2
 from chatlib import codec, names, presence_wire
+from chatlib.js_publisher import JetStreamPublisher
 from chatlib.proto.chat import v1 as pb
 from chatlib.tasks import CriticalTasks
 from nats.aio.client import Client as NATS
@@ -26,7 +27,7 @@ from presence import handlers, metrics
 from presence.latest import LatestPerKey
 from presence.mirror import Mirror
 from presence.settings import PresenceSettings
-from presence.store import Store, now_ms
+from presence.store import WRITE_TIMEOUT, Store, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class PresenceService:
         self._nc: NATS | None = None
         self._kv: KeyValue | None = None
         self._store: Store | None = None
+        self._publisher: JetStreamPublisher | None = None
         self._subs: list[Subscription] = []
         self._micro: MicroService | None = None
         self._critical = CriticalTasks()
@@ -60,7 +62,9 @@ class PresenceService:
     async def start(self, nc: NATS, js: JetStreamContext) -> None:
         self._nc = nc
         self._kv = await js.key_value(names.KV_PRESENCE)
-        self._store = Store(js, self._kv, self.mirror)
+        self._publisher = JetStreamPublisher(nc, WRITE_TIMEOUT)
+        await self._publisher.start()
+        self._store = Store(js, self._kv, self.mirror, self._publisher)
         # Load the whole bucket before taking reports: the mirror guides every decision.
         self._watcher = await self._kv.watchall()
         loaded = asyncio.get_running_loop().create_future()
@@ -72,12 +76,20 @@ class PresenceService:
             await nc.subscribe(
                 names.PRESENCE_CONN_OPENED,
                 queue=names.QUEUE_PRESENCE,
-                cb=self._on(pb.ConnectionOpened, lambda m: handlers.handle_opened(m, store)),
+                cb=self._on(
+                    pb.ConnectionOpened,
+                    lambda m: handlers.handle_opened(m, store),
+                    fast=presence_wire.parse_connection_event,
+                ),
             ),
             await nc.subscribe(
                 names.PRESENCE_CONN_CLOSED,
                 queue=names.QUEUE_PRESENCE,
-                cb=self._on(pb.ConnectionClosed, lambda m: handlers.handle_closed(m, store)),
+                cb=self._on(
+                    pb.ConnectionClosed,
+                    lambda m: handlers.handle_closed(m, store),
+                    fast=presence_wire.parse_connection_event,
+                ),
             ),
             await nc.subscribe(
                 names.PRESENCE_HEARTBEAT_ALL,
@@ -127,6 +139,8 @@ class PresenceService:
 
     async def close(self) -> None:
         await self._critical.stop()
+        if self._publisher is not None:
+            await self._publisher.stop()
 
     def alive(self) -> bool:
         return self._critical.alive()

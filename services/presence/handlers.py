@@ -63,7 +63,9 @@ async def bounded(jobs: Iterable[Awaitable[object]]) -> None:
     await asyncio.gather(*(run(job) for job in jobs))
 
 
-async def handle_opened(message: pb.ConnectionOpened, store: Store) -> None:
+async def handle_opened(
+    message: pb.ConnectionOpened | presence_wire.ConnectionEvent, store: Store
+) -> None:
     if not valid_report(message.gateway_id, message.connection_id, message.user):
         return
     await store.mutate(
@@ -72,7 +74,9 @@ async def handle_opened(message: pb.ConnectionOpened, store: Store) -> None:
     )
 
 
-async def handle_closed(message: pb.ConnectionClosed, store: Store) -> None:
+async def handle_closed(
+    message: pb.ConnectionClosed | presence_wire.ConnectionEvent, store: Store
+) -> None:
     if not valid_report(message.gateway_id, message.connection_id, message.user):
         return
     await store.mutate(message.user, lambda s: s.close(message.connection_id, now_ms()))

@@ -19,10 +19,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from chatlib import codec, names
+from chatlib import codec, names, presence_wire
+from chatlib.js_publisher import JetStreamPublisher
 from chatlib.proto.chat import v1 as pb
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from nats.js.errors import (
+    APIError,
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
@@ -38,6 +40,12 @@ log = logging.getLogger(__name__)
 
 # Far more than two replicas ever collide on one user; a bound keeps a bug from spinning.
 MAX_ATTEMPTS = 50
+_USER_ONLINE = codec.type_name_of(pb.UserOnline)
+_USER_OFFLINE = codec.type_name_of(pb.UserOffline)
+# How long a write through the publisher waits for its PubAck: js.publish's default.
+WRITE_TIMEOUT = 5.0
+# The JetStream errors nats-py's kv.update turns into KeyWrongLastSequenceError.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 Change = Callable[[UserState], bool]
 
@@ -56,10 +64,35 @@ def now_ms() -> int:
 
 
 class Store:
-    def __init__(self, js: JetStreamContext, kv: KeyValue, mirror: Mirror) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kv: KeyValue,
+        mirror: Mirror,
+        publisher: JetStreamPublisher | None = None,
+    ) -> None:
         self.js = js
         self.kv = kv
         self.mirror = mirror
+        self.publisher = publisher
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """kv.update(key, value, last=last): the new revision, KeyWrongLastSequenceError
+        when the key is not at `last`. Through the shared publisher when there is one
+        (three writes per connection opened: its PubAcks come on one subscription, not
+        one request each); tests/test_presence_state.py pins it to kv.update."""
+        if self.publisher is None:
+            return await self.kv.update(key, value, last=last)
+        headers = {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last)}
+        try:
+            ack = await self.publisher.publish(
+                names.kv_subject(names.KV_PRESENCE, key), value, headers
+            )
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
+        return int(ack.seq)
 
     async def read_user(self, user: str) -> tuple[UserState, int]:
         """The stored state and its revision (0 when the key never existed)."""
@@ -78,6 +111,12 @@ class Store:
         says "nothing to do", is settled on a fresh read. Returns True if a write landed.
         """
         guess = self.mirror.user(user)
+        if guess is None and self.mirror.loaded:
+            # No key as far as the mirror knows (a new user, or one whose idle key was
+            # collected): guess "no state, revision 0" and write it as a create. A key
+            # that exists after all (the mirror is behind) fails the compare-and-set and
+            # is read then; the usual first connection of a user costs no read.
+            guess = (UserState(), 0)
         fresh = guess is None
         state, revision = guess if guess is not None else await self.read_user(user)
         for _ in range(MAX_ATTEMPTS):
@@ -93,7 +132,7 @@ class Store:
             state.prune(now)
             created = state.note_transition(was_online, now)
             try:
-                new_revision = await self.kv.update(user_key(user), state.encode(), last=revision)
+                new_revision = await self.update(user_key(user), state.encode(), revision)
             except KeyWrongLastSequenceError:
                 metrics.CAS_CONFLICTS.inc()
                 state, revision = await self.read_user(user)
@@ -131,7 +170,7 @@ class Store:
                 return
             state.pending = [e for e in state.pending if e.event_id not in done]
             try:
-                new_revision = await self.kv.update(user_key(user), state.encode(), last=revision)
+                new_revision = await self.update(user_key(user), state.encode(), revision)
             except KeyWrongLastSequenceError:
                 # Someone else wrote meanwhile: re-read and remove ours again. Events that
                 # appeared since are their writers' to publish.
@@ -185,18 +224,17 @@ class Store:
         return max(found, default=-1)
 
     async def publish_event(self, user: str, event: PendingEvent) -> None:
-        message: pb.UserOnline | pb.UserOffline
         if event.kind == "online":
-            message, subject = (
-                pb.UserOnline(user=user, ts_ms=event.ts_ms),
-                names.online_subject(user),
-            )
+            subject, type_name = names.online_subject(user), _USER_ONLINE
         else:
-            message = pb.UserOffline(user=user, ts_ms=event.ts_ms)
-            subject = names.offline_subject(user)
-        payload, headers = codec.encode(message)
-        headers[names.HEADER_MSG_ID] = event.event_id
-        ack = await self.js.publish(subject, payload, headers=headers)
+            subject, type_name = names.offline_subject(user), _USER_OFFLINE
+        # Byte for byte codec.encode(pb.UserOnline / UserOffline(...)) (presence_wire).
+        payload = presence_wire.encode_user_event(user, event.ts_ms)
+        headers = {names.HEADER_TYPE: type_name, names.HEADER_MSG_ID: event.event_id}
+        if self.publisher is not None:
+            ack = await self.publisher.publish(subject, payload, headers)
+        else:
+            ack = await self.js.publish(subject, payload, headers=headers)
         if ack.duplicate:
             # Only a writer's retry after a crash gets here; core subscribers saw it twice.
             log.info("user %s %s already published", user, event.kind,
