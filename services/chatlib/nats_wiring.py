@@ -209,11 +209,26 @@ async def ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
             await asyncio.sleep(0.1 * (attempt + 1))
 
 
+# A JetStream API request that times out while provisioning is asked again this many
+# times: a cluster that has just elected its meta leader can take longer than one
+# request's timeout to place a replicated stream, and every step here is idempotent.
+PROVISION_RETRIES = 5
+
+
 async def provision(js: JetStreamContext, settings: CommonSettings) -> KeyValue:
-    for config in stream_configs(settings):
-        await ensure_stream(js, config)
-    await ensure_members_bucket(js, settings)
-    return await ensure_presence_bucket(js, settings)
+    """The streams and buckets every service relies on, created if missing."""
+    for attempt in range(PROVISION_RETRIES + 1):
+        try:
+            for config in stream_configs(settings):
+                await ensure_stream(js, config)
+            await ensure_members_bucket(js, settings)
+            return await ensure_presence_bucket(js, settings)
+        except nats.errors.TimeoutError:
+            if attempt == PROVISION_RETRIES:
+                raise
+            log.warning("JetStream did not answer in time while provisioning; asking again")
+            await asyncio.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 async def ensure_kv(
