@@ -193,6 +193,8 @@ async def receiver_worker(index: int, plan: Plan, progress: Any, go: Any, stop: 
         "refused": sum(c.refused for c in clients),
         "timeouts": sum(c.timeouts for c in clients),
         "never_resumed_attempts": sorted(c.attempts for c in clients if not c.resumed_at)[:20],
+        # Per client (resumed at, attempts, 503s, timeouts): where a storm's tail comes from.
+        "tries": [(c.resumed_at, c.attempts, c.refused, c.timeouts) for c in clients],
     }
 
 
@@ -359,5 +361,21 @@ def _report(
         "refused_503": sum(r["refused"] for r in results[:-1]),
         "timeouts": sum(r["timeouts"] for r in results[:-1]),
         "never_resumed_attempts": [r["never_resumed_attempts"] for r in results[:-1]],
+        # Seconds after the kill by which 10%, 20%, ... 100% had resumed: a wave shape
+        # (503s, backoff) or a slow drain (the survivor's CPU) shows here.
+        "resumed_deciles_s": [
+            round(resumed[clients * k // 10 - 1], 2) if done >= clients * k // 10 else None
+            for k in range(1, 11)
+        ],
+        # The 20 slowest: (seconds after the kill, attempts, 503s, timeouts).
+        "slowest": sorted(
+            (
+                (round(at - killed_at, 2), n, refused, timeouts)
+                for r in results[:-1]
+                for at, n, refused, timeouts in r["tries"]
+                if at
+            ),
+            reverse=True,
+        )[:20],
     }
     return Run("storm", figs, details)
