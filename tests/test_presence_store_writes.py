@@ -6,19 +6,23 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from chatlib import names
+from chatlib import names, nats_wiring
 from chatlib.js_publisher import JetStreamPublisher
+from chatlib.settings import CommonSettings
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from presence.mirror import Mirror
-from presence.store import Store
+from presence.state import UserState, user_key
+from presence.store import Store, now_ms
 
 
 @pytest.fixture
 async def kv(js: JetStreamContext) -> KeyValue:
-    return await js.create_key_value(bucket=names.KV_PRESENCE, history=1)
+    # The streams and buckets presence runs on (its events go to the PRESENCE stream).
+    await nats_wiring.provision(js, CommonSettings())
+    return await js.key_value(names.KV_PRESENCE)
 
 
 @pytest.fixture
@@ -54,3 +58,28 @@ async def test_a_stale_revision_raises_wrong_last_sequence_as_kv_update_does(
         with pytest.raises(KeyWrongLastSequenceError):  # a create of an existing key
             await store.update(key, b"two", 0)
         assert (await kv.get(key)).value == b"someone else"
+
+
+async def test_a_user_whose_idle_key_was_collected_goes_online_again(
+    stores: list[Store], kv: KeyValue
+) -> None:
+    """Collection leaves a delete marker as the key's last message: the next change must
+    be written on the marker's revision, whether the mirror guessed "no key" or the key
+    was read (a write on revision 0 would conflict until the change is given up)."""
+    for i, store in enumerate(stores):
+        user = f"user{i}"
+        key = user_key(user)
+        assert await store.mutate(user, lambda s: s.open("c1", "gw1", 1, now_ms()))
+        assert await store.mutate(user, lambda s: s.close("c1", now_ms()))
+        revision = (await kv.get(key)).revision
+        await store.delete_if_unchanged(key, revision)
+        for loaded in (False, True):
+            store.mirror = Mirror()  # one that never saw the key: guesses, or reads
+            store.mirror.loaded = loaded
+            conn = f"c2{loaded}"
+            opened = await store.mutate(user, lambda s, c=conn: s.open(c, "gw1", 2, now_ms()))
+            assert opened, "the change was given up"
+            state = UserState.decode((await kv.get(key)).value)
+            assert conn in state.conns
+            assert await store.mutate(user, lambda s, c=conn: s.close(c, now_ms()))
+            await store.delete_if_unchanged(key, (await kv.get(key)).revision)

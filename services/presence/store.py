@@ -98,10 +98,12 @@ class Store:
         """The stored state and its revision (0 when the key never existed)."""
         try:
             entry = await self.kv.get(user_key(user))
-        except KeyDeletedError as exc:
-            return UserState(), int(exc.entry.revision or 0) if exc.entry else 0
-        except KeyNotFoundError:
-            return UserState(), 0
+        except (KeyDeletedError, KeyNotFoundError) as exc:
+            # A collected key's last message is its delete marker, and the next write
+            # must name the marker's revision: 0 would conflict forever. nats-py's kv.get
+            # reports a deleted key as KeyNotFoundError carrying the marker in `entry`.
+            marker = getattr(exc, "entry", None)
+            return UserState(), int(marker.revision or 0) if marker is not None else 0
         return UserState.decode(entry.value), int(entry.revision or 0)
 
     async def mutate(self, user: str, change: Change) -> bool:
