@@ -15,9 +15,12 @@ def test_full_jitter_grows_exponentially_up_to_the_cap() -> None:
     assert backoff.delay(10_000, rand=lambda: 1.0) == backoff.CAP_S  # no overflow
 
 
-def test_retry_after_is_a_floor_plus_a_random_share_of_it() -> None:
+def test_retry_after_is_waited_plus_a_random_share_of_one_second() -> None:
+    # The gateway spreads the turns it hands out (gateway/admission.py); the random share
+    # spreads those given the same whole second over it.
     assert backoff.delay(0, retry_after=4, rand=lambda: 0.0) == 4
-    assert backoff.delay(0, retry_after=4, rand=lambda: 0.5) == 6
+    assert backoff.delay(0, retry_after=4, rand=lambda: 0.5) == 4.5
+    assert backoff.delay(0, retry_after=20, rand=lambda: 0.99) == 20.99
     assert backoff.delay(0, retry_after=0, rand=lambda: 0.5) == 0.25  # ignored
 
 

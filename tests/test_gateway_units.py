@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import jwt
 import orjson
@@ -12,7 +13,7 @@ from chatlib.auth import Authenticator, AuthError
 from chatlib.limits import AbuseGuard, KeyedBuckets, TokenBucket
 from chatlib.proto.chat import v1 as pb
 from gateway import frames
-from gateway.admission import Admission
+from gateway.admission import RETRY_AFTER_MAX, Admission
 from gateway.auth import origin_allowed
 from gateway.batching import SharedRead
 from gateway.frames import FrameError
@@ -218,13 +219,48 @@ async def test_admission_learns_its_greeting_rate_only_while_hellos_wait() -> No
     assert admission.full()  # the hard limit: concurrency + queue
     for ticket in held:
         ticket.done()
-    # Slow greeting (1/s): a long queue, but never sent away for more than 10 s.
+    # Slow greeting (1/s): a long queue, but never sent away for more than RETRY_AFTER_MAX.
     await greet(10, 10.0, waiting=60)
     held = [admission.ticket() for _ in range(60)]
     assert admission.full()
-    assert admission.retry_after() == 10
+    assert admission.retry_after() == RETRY_AFTER_MAX
     for ticket in held:
         ticket.done()
+
+
+async def test_refused_clients_are_given_turns_at_the_pace_the_gateway_greets() -> None:
+    """A storm's refused clients come back spread over time at the greeting rate, not all
+    at the drain time (refused again together) nor over [RA, 2 RA] (the gateway idle
+    while the last of them wait)."""
+    now = [0.0]
+    admission = Admission(concurrency=2, queue=100, retry_after=2, clock=lambda: now[0])
+    first = admission.ticket()  # a hello at startup, then quiet until the storm
+    await first.turn()
+    first.done()
+    now[0] = 120.0
+    held = [admission.ticket() for _ in range(10)]  # hellos waiting: the rate is learnt
+    for _ in range(100):  # 50 greeted a second
+        ticket = admission.ticket()
+        await ticket.turn()
+        now[0] += 0.02
+        ticket.done()
+    held += [admission.ticket() for _ in range(90)]  # 100 waiting: 2 s to drain
+    turns = [admission.retry_after() for _ in range(500)]
+    assert turns == sorted(turns)
+    assert turns[0] == 2
+    # Each later second is handed to about as many clients as are greeted in a second.
+    per_second = Counter(turns)
+    assert all(49 <= per_second[second] <= 51 for second in range(4, 11))
+    assert max(turns) == 11  # the 500th: after 100 waiting + 499 turns, at 50 a second
+    # Past RETRY_AFTER_MAX no turn is handed out: come back then (and get one then).
+    late = [admission.retry_after() for _ in range(5000)]
+    assert max(late) == RETRY_AFTER_MAX
+    assert late.count(RETRY_AFTER_MAX) > 4000
+    # Once the storm is over, the turns start from the queue again.
+    for ticket in held:
+        ticket.done()
+    now[0] += 60
+    assert admission.retry_after() == 2
 
 
 # --- durable sends in flight per socket (gateway/session.py) ----------------------------------

@@ -6,6 +6,8 @@ Retry-After before the upgrade."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -154,3 +156,21 @@ async def test_a_replay_stops_at_the_snapshot_what_follows_comes_live(js: Any) -
     # The same log (now read to the stream's end) serves a later snapshot in full.
     later = await replay.replay("carol", ["dev"], after=seqs[1], upto=seqs[9], limit=100)
     assert [m.seq for m in later.messages] == seqs[2:]
+
+
+def test_the_listening_socket_takes_a_storm_sized_accept_queue(
+    nats_server: Any, logs_dir: Path
+) -> None:
+    """A storm's sockets must be accepted to be greeted or refused with 503: past a full
+    accept queue the kernel drops them and the clients come back only on TCP's
+    retransmit timers (1, 3, 7, 15, 31 s). The queue is GATEWAY_HTTP_BACKLOG long."""
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("needs ss (iproute2) to read the listening socket's accept queue")
+    with start_gateways(nats_server.url, logs_dir, 1, {"GATEWAY_HTTP_BACKLOG": "3000"}) as (gw,):
+        listing = subprocess.run(
+            [ss, "-ltnH", f"sport = :{gw.port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        # State, Recv-Q, Send-Q (for a listening socket: its accept queue's length), ...
+        assert listing[0] == "LISTEN" and int(listing[2]) == 3000, listing
+    assert GatewaySettings().http_backlog > 2048  # more than uvicorn's own default

@@ -5,8 +5,10 @@ Retry-After.
 Full jitter (a uniformly random delay between 0 and the exponential cap) spreads
 thousands of clients that lost the same gateway at the same instant over the whole
 window, instead of sending them back in synchronized waves. A Retry-After from a busy
-gateway (HTTP 503 before the upgrade) is a floor: the client waits at least that long,
-plus a random share of it, so the refused ones do not all return at the same second.
+gateway (HTTP 503 before the upgrade) is the client's turn, which the gateway spreads
+over its refused clients at the pace it greets (gateway/admission.py): the client waits
+that long plus a random share of one second, so those given the same whole second do not
+all return at its start.
 """
 
 from __future__ import annotations
@@ -28,5 +30,5 @@ def delay(
     """Seconds to wait before reconnect attempt number `attempt` (0 for the first)."""
     wait = rand() * min(cap, base * 2 ** min(attempt, 30))
     if retry_after is not None and retry_after > 0:
-        wait = max(wait, retry_after + rand() * retry_after)
+        wait = max(wait, retry_after + rand())
     return wait

@@ -4,13 +4,17 @@ short cache of token checks.
 At most `hello_concurrency` hellos are answered at once (welcome, replay); up to
 `hello_queue` more wait for a turn. Beyond that a new WebSocket is refused before the
 upgrade (and once the greeting rate is known, beyond what it greets in QUEUE_SECONDS)
-with HTTP 503 and a `Retry-After` of about the time the queue takes to drain (at
-least `hello_retry_after` seconds). The queue is kept short so that a socket admitted is
-greeted well within a client's patience (a hello answered after the client gave up is
-work thrown away, and a retry on top). Our clients back off
-with full jitter and honour it, so a storm spreads out instead of piling up (every
-socket held open while waiting costs memory, and every hello answered late costs a
-client timeout and a retry).
+with HTTP 503 and a `Retry-After` (at least `hello_retry_after` seconds). The queue is
+kept short so that a socket admitted is greeted well within a client's patience (a hello
+answered after the client gave up is work thrown away, and a retry on top).
+
+Each refused client is given its own turn: the first ones come back when the queue has
+drained, each next one 1/rate later, so the refused return at the pace the gateway
+greets. One Retry-After for all (the drain time) brought them back together, to be
+refused again, or spread over [RA, 2 RA] by the clients' jitter, which left the gateway
+idle while the last of them waited (a storm's tail at ~2 x RA). Our clients wait
+Retry-After plus a random share of one second (chatlib/backoff.py), which spreads the
+clients given the same whole second over it.
 
 A verified token is remembered for `token_cache_ttl` seconds (never past its own `exp`):
 a storm is the same clients with the same tokens, reconnecting.
@@ -19,7 +23,6 @@ a storm is the same clients with the same tokens, reconnecting.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,10 +35,12 @@ TOKEN_CACHE_MAX = 50_000
 # Once the greeting rate is known, no more sockets wait than can be greeted in this many
 # seconds: well within a client's patience (our clients wait 10-30 s for welcome/resumed).
 QUEUE_SECONDS = 10.0
-# The longest Retry-After: the queue is bounded to what is greeted in QUEUE_SECONDS, and
-# a client waits Retry-After plus up to as much again (jitter), so a longer one only
-# leaves the gateway idle while its clients wait (a storm's tail came back after 60 s).
-RETRY_AFTER_MAX = 10
+# The longest Retry-After. Turns past it are not handed out: a client refused then is
+# told to come back in RETRY_AFTER_MAX s and gets a turn then (a storm of 5,000 at a few
+# hundred greetings a second fits well within it).
+RETRY_AFTER_MAX = 30
+# The greeting rate is measured over windows this long (and smoothed).
+RATE_WINDOW_S = 1.0
 
 
 class Admission:
@@ -60,6 +65,8 @@ class Admission:
         self._rate = 0.0
         self._count = 0
         self._since = clock()
+        # When the last turn handed to a refused client starts (clock time).
+        self._booked_until = 0.0
 
     def full(self) -> bool:
         """No room even to wait: refuse the handshake (503)."""
@@ -68,11 +75,20 @@ class Admission:
         return self._rate > 0 and self.pending >= self._concurrency + self._rate * QUEUE_SECONDS
 
     def retry_after(self) -> int:
-        """Seconds a refused client should stay away: at least the setting, and about as
-        long as the queue takes to drain at the current greeting rate (at most
-        RETRY_AFTER_MAX)."""
-        drain = self.pending / self._rate if self._rate > 0 else 0.0
-        return int(min(RETRY_AFTER_MAX, max(self._retry_after, math.ceil(drain))))
+        """Seconds a refused client should stay away, booking its turn: after the queue
+        has drained and after the turns already handed out, at the current greeting
+        rate; at least the setting, at most RETRY_AFTER_MAX. Before the rate is known,
+        the setting (the refused come back once it has been measured)."""
+        if self._rate <= 0:
+            return self._retry_after
+        now = self._clock()
+        turn = max(now + self.pending / self._rate, self._booked_until)
+        if turn - now >= RETRY_AFTER_MAX:
+            return RETRY_AFTER_MAX
+        self._booked_until = turn + 1 / self._rate
+        # The whole second the turn falls in: the client's random share of a second
+        # (chatlib/backoff.py) spreads those given it over that second.
+        return max(self._retry_after, int(turn - now))
 
     def greeted(self) -> None:
         now = self._clock()
@@ -84,12 +100,17 @@ class Admission:
             self._count, self._since = 0, now
             return
         self._count += 1
-        if now - self._since >= 1.0:
+        if now - self._since >= RATE_WINDOW_S:
             rate = self._count / (now - self._since)
             self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
             self._count, self._since = 0, now
 
     def ticket(self) -> Ticket:
+        if self.pending == self._concurrency:
+            # Hellos start waiting now: the greeting rate is measured from here. (From the
+            # last greeting before, minutes ago at startup, it read 0.1 a second and sent
+            # a storm's refused clients away for the longest Retry-After.)
+            self._count, self._since = 0, self._clock()
         return Ticket(self)
 
 

@@ -597,6 +597,7 @@ async def serve(settings: GatewaySettings) -> None:
         lifespan="off",
         log_config=None,
         server_header=False,
+        backlog=settings.http_backlog,
     )
     server = _Server(config)
     _tune_gc()

@@ -35,9 +35,16 @@ class GatewaySettings(ClientSettings):
     recovery_max_messages: int = Field(default=5000, gt=0)
     # Hello admission (gateway/admission.py): hellos answered at once, sockets waiting for
     # a turn, and the least Retry-After (seconds) of the 503 refusing any more.
-    hello_concurrency: int = Field(default=64, gt=0)
+    # A hello mostly waits on NATS round trips (user state, presence, membership), so
+    # 64 at once left a storm's survivor waiting rather than working (issue 15).
+    hello_concurrency: int = Field(default=256, gt=0)
     hello_queue: int = Field(default=512, ge=0)
     hello_retry_after: int = Field(default=2, gt=0)
+    # The listening socket's accept queue (the kernel caps it at net.core.somaxconn). A
+    # storm's connections must be accepted to be greeted or refused with 503: past a full
+    # queue the kernel drops them, and the clients' TCP retransmits come back only after
+    # 1, 3, 7, 15, 31 s (uvicorn's default of 2048 made a 5,000-client storm take 30-80 s).
+    http_backlog: int = Field(default=8192, gt=0)
     # A verified token is remembered this long (never past its exp); 0: no cache.
     token_cache_ttl: float = Field(default=10.0, ge=0)
     # Replay logs shared by resuming clients (replay_cache.py) live this long unused.

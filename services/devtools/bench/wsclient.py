@@ -13,6 +13,7 @@ import base64
 import os
 import struct
 from collections.abc import Callable
+from typing import cast
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -55,8 +56,8 @@ class WsConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf

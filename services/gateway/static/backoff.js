@@ -1,5 +1,6 @@
 // Reconnect delays: full-jitter exponential backoff that honours a busy gateway's
-// Retry-After (the same rule as chatlib/backoff.py). A fleet of pages that lost the same
+// Retry-After, plus a random share of one second (the same rule as chatlib/backoff.py;
+// the gateway spreads the turns it hands out). A fleet of pages that lost the same
 // gateway at the same instant spreads over the whole window instead of coming back in
 // waves. A browser cannot read the status of a refused WebSocket handshake, so after a
 // socket that never opened we ask /api/admission, which answers 503 + Retry-After while
@@ -10,7 +11,7 @@ const CAP_MS = 8000; // never more than ~8 s after the server is back ("Retry no
 
 export function reconnectDelay(attempt, retryAfterS = 0) {
   let wait = Math.random() * Math.min(CAP_MS, BASE_MS * 2 ** Math.min(attempt, 30));
-  if (retryAfterS > 0) wait = Math.max(wait, retryAfterS * 1000 * (1 + Math.random()));
+  if (retryAfterS > 0) wait = Math.max(wait, (retryAfterS + Math.random()) * 1000);
   return wait;
 }
 
