@@ -41,9 +41,9 @@ class GatewaySettings(ClientSettings):
     hello_queue: int = Field(default=512, ge=0)
     hello_retry_after: int = Field(default=2, gt=0)
     # The listening socket's accept queue (the kernel caps it at net.core.somaxconn). A
-    # storm's connections must be accepted to be greeted or refused with 503: past a full
-    # queue the kernel drops them, and the clients' TCP retransmits come back only after
-    # 1, 3, 7, 15, 31 s (uvicorn's default of 2048 made a 5,000-client storm take 30-80 s).
+    # storm's connections wait there until the gateway accepts them (to greet them or
+    # refuse them with 503); past a full queue the kernel drops them and they come back
+    # only on TCP's retransmit timers (1, 3, 7, 15, 31 s). uvicorn's default is 2048.
     http_backlog: int = Field(default=8192, gt=0)
     # A verified token is remembered this long (never past its exp); 0: no cache.
     token_cache_ttl: float = Field(default=10.0, ge=0)
