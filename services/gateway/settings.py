@@ -35,8 +35,8 @@ class GatewaySettings(ClientSettings):
     recovery_max_messages: int = Field(default=5000, gt=0)
     # Hello admission (gateway/admission.py): hellos answered at once, sockets waiting for
     # a turn, and the least Retry-After (seconds) of the 503 refusing any more.
-    # A hello mostly waits on NATS round trips (user state, presence, membership), so
-    # 64 at once left a storm's survivor waiting rather than working (issue 15).
+    # A hello mostly waits on NATS round trips (user state, presence, membership); in
+    # storm runs 256 at once did better than 64 (docs/performance.md, issue 15).
     hello_concurrency: int = Field(default=256, gt=0)
     hello_queue: int = Field(default=512, ge=0)
     hello_retry_after: int = Field(default=2, gt=0)

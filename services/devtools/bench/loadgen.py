@@ -188,8 +188,8 @@ def worker_main(index: int, plan: Plan, progress: Any, go: Any, stop: Any, resul
         # stops it (terminate / kill by pid), a terminal's Ctrl-C reaches the bench.
         os.setsid()
     try:
-        # uvloop, as the gateway runs on: the stdlib loop's per-read cost made the
-        # load generator the storm's bottleneck (0.9 of the machine's 2 cores).
+        # uvloop, as the gateway runs on: on the stdlib loop the load generator took
+        # ~0.9 of the machine's 2 cores in a storm, as much as the gateway it measures.
         data = uvloop.run(_worker(index, plan, progress, go, stop, results))
     except BaseException as exc:  # report, so the coordinator does not wait forever
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
